@@ -1,0 +1,45 @@
+import jax
+import pytest
+
+from dualjax import mesh as mesh_lib
+
+
+def test_mesh_shape_resolves_minus_one():
+  assert mesh_lib.mesh_shape(-1, 2, 1, 8) == (4, 2, 1)
+  assert mesh_lib.make_mesh(4, 2, 1).shape == {"replica": 4, "fsdp": 2, "tensor": 1}
+
+
+@pytest.mark.parametrize("shape,msg", [((3, 1, 1), "replica\\*fsdp\\*tensor = 3"),
+                                       ((-1, -1, 1), "at most one"),
+                                       ((-1, 3, 1), "not divisible"),
+                                       ((0, 1, 1), "mesh.replica")])
+def test_mesh_shape_errors(shape, msg):
+  with pytest.raises(mesh_lib.ConfigError, match=msg):
+    mesh_lib.mesh_shape(*shape, 8)
+
+
+def test_split_auto_microsteps():
+  s = mesh_lib.make_split(0.125, global_batch=16, replicas=1)
+  assert (s.microsteps, s.n_ar, s.lam) == (8, 1, 0.125)
+  s = mesh_lib.make_split(0.5, global_batch=16, replicas=4)
+  assert (s.microsteps, s.n_ar) == (1, 2)
+  s = mesh_lib.make_split(15 / 16, global_batch=32, replicas=4)
+  assert (s.microsteps, s.n_ar) == (4, 15)
+  # Cells are microstep-major: the first n_ar cells are AR.
+  assert [s.is_ar(m, r) for m in range(4) for r in range(4)] == [True] * 15 + [False]
+
+
+def test_single_objective_needs_one_microstep():
+  assert mesh_lib.make_split(1.0, 16, 4).microsteps == 1
+  assert mesh_lib.make_split(0.0, 16, 4).n_ar == 0
+
+
+def test_unrepresentable_lam_names_nearest():
+  with pytest.raises(mesh_lib.ConfigError, match=r"objective.lam=0.3 .* nearest: 1/4 = 0.25 or 2/4 = 0.5"):
+    mesh_lib.make_split(0.3, global_batch=16, replicas=4, microsteps=1)
+  with pytest.raises(mesh_lib.ConfigError, match=r"objective.lam=0.3 is not representable.*nearest: 4/16"):
+    mesh_lib.make_split(0.3, global_batch=16, replicas=1)
+  with pytest.raises(mesh_lib.ConfigError, match="objective.lam must be in"):
+    mesh_lib.make_split(1.5, 16, 1)
+  with pytest.raises(mesh_lib.ConfigError, match="data.global_batch=10"):
+    mesh_lib.make_split(0.5, 10, 4)
