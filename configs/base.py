@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       replica=-1, fsdp=1, tensor=1,
       microsteps=0,  # 0 = the fewest that represent lam exactly and divide the batch
+      # Logical axis -> mesh axis (dualjax/sharding.py): FSDP over hidden dims, tensor over the rest.
+      rules=(("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor")),
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=256, keep=3, async_save=True))
