@@ -1,0 +1,102 @@
+"""Orbax checkpoints of the whole training state, with the Grain iterator (DESIGN.md §10).
+
+One checkpoint = `ocp.args.Composite` of
+  state: params, optimizer state, step, RNG key (sharded arrays, `StandardSave`);
+  data:  the Grain iterator state, one JSON file per process (Grain's own Orbax handler);
+  meta:  JSON (the run's config, model config, tokenizer checksum, overfitting-detector state).
+A latest checkpoint that fails to restore is moved to `<workdir>/corrupt/` with a warning and the
+previous one is used; partially written (uncommitted) checkpoints are never listed by Orbax.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class _IteratorState:
+  """Adapter for Grain's checkpoint handler: a frozen snapshot on save, the live iterator on restore.
+
+  The snapshot is taken when `save` is called, so an async save never sees a later position.
+  """
+
+  def __init__(self, iterator: Any = None, state: Any = None):
+    self.iterator, self.state = iterator, state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state.decode())
+    if self.iterator is not None:
+      self.iterator.set_state(self.state)
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class Checkpointer:
+  """`ocp.CheckpointManager` over `<workdir>/checkpoints` with fallback past corrupt checkpoints."""
+
+  def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.directory = self.workdir / "checkpoints"
+    self.options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory.absolute(), options=self.options)
+
+  def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any],
+           force: bool = False) -> bool:
+    """Saves at `step` if the interval says so (or `force`); returns whether it saved."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(_IteratorState(state=data_state)),
+        meta=ocp.args.JsonSave(meta))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """Restores the newest readable checkpoint (state, iterator position, meta) or None."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(_IteratorState(iterator=data_iterator)),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("checkpoint at step %d is unreadable (%s: %s); falling back to the previous one",
+                    step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        self._quarantine(step)
+        continue
+      return step, restored["state"], restored["meta"]
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves an unreadable step out of the manager's directory (kept for inspection)."""
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      dst = self.workdir / "corrupt" / f"{step}-{int(time.time())}"
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      if src.exists():
+        shutil.move(str(src), str(dst))
+    self.manager.reload()
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
