@@ -80,13 +80,11 @@ def encode_with_char_spans(tokenizer: Any, text: str) -> tuple[list[int], list[t
   if sp is None:
     raise TypeError("tokenizer has no encode_with_offsets and no SentencePiece processor")
   proto = sp.encode(text, out_type="proto")
-  byte_to_char = np.zeros(len(text.encode("utf-8")) + 1, np.int64)
-  pos = 0
-  for i, ch in enumerate(text):
-    nb = len(ch.encode("utf-8"))
-    byte_to_char[pos:pos + nb] = i
-    pos += nb
-  byte_to_char[pos] = len(text)
+  raw = text.encode("utf-8")
+  if len(raw) == len(text):  # ASCII: byte offsets are character offsets.
+    return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
+  is_start = (np.frombuffer(raw, np.uint8) & 0xC0) != 0x80  # Not a UTF-8 continuation byte.
+  byte_to_char = np.append(np.cumsum(is_start) - 1, len(text))
   return ([p.id for p in proto.pieces],
           [(int(byte_to_char[p.begin]), int(byte_to_char[p.end])) for p in proto.pieces])
 
