@@ -1,0 +1,142 @@
+"""The two objectives and their combination (DESIGN.md §3).
+
+Batch: {'tokens': int[B, L+1], 'segment_ids': int[B, L+1]}; inputs tokens[:, :-1] (attention
+segments segment_ids[:, :-1]), targets tokens[:, 1:]. A target is scorable iff it is not `<s>`
+and not padding (target segment id 0). Both objectives predict token i+1 at position i (MNTP).
+
+Normalisation:
+  AR   mean over the batch's scorable targets: sum(ce) / max(#scorable, 1) (z-loss likewise).
+       Per-device means averaged by the trainer weight devices equally, not tokens.
+  MDM  weighted sum over scored targets / (B * L), L = input positions per row (z-loss likewise).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dualjax import model as model_lib
+from dualjax.special_tokens import BOS, MASK, NUM_SPECIAL
+
+Batch = dict[str, jax.Array]
+MIN_RATE = 1e-4  # p = (1 - MIN_RATE) * k / L + MIN_RATE
+
+
+def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(inputs_BxL, segment_ids_BxL, targets_BxL, scorable_BxL) after checking the layout."""
+  for name in ("tokens", "segment_ids"):
+    if name not in batch:
+      raise ValueError(f"batch is missing '{name}' (expected keys 'tokens', 'segment_ids')")
+  tokens, seg = batch["tokens"], batch["segment_ids"]
+  if jnp.ndim(tokens) != 2 or jnp.shape(tokens)[1] < 2:
+    raise ValueError(f"batch['tokens'] must be [B, L+1] with L >= 1, got shape {jnp.shape(tokens)}")
+  if jnp.shape(seg) != jnp.shape(tokens):
+    raise ValueError(f"batch['segment_ids'] shape {jnp.shape(seg)} != batch['tokens'] shape "
+                     f"{jnp.shape(tokens)}")
+  targets_BxL = tokens[:, 1:]
+  scorable_BxL = (targets_BxL != BOS) & (seg[:, 1:] != 0)
+  return tokens[:, :-1], seg[:, :-1], targets_BxL, scorable_BxL
+
+
+def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(cross-entropy, logsumexp) per position, fp32."""
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  picked_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  return lse_BxL - picked_BxL, lse_BxL
+
+
+def ar_loss(params: Any, batch: Batch, *, cfg: model_lib.ModelConfig,
+            z_loss: float = 1e-4) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal next-token loss: mean CE over scorable targets + z_loss * mean lse^2."""
+  inputs_BxL, seg_BxL, targets_BxL, scorable_BxL = split_batch(batch)
+  logits_BxLxV = model_lib.apply(params, inputs_BxL, seg_BxL, cfg=cfg, mode="causal")
+  ce_BxL, lse_BxL = token_losses(logits_BxLxV, targets_BxL)
+  w_BxL = scorable_BxL.astype(jnp.float32)
+  n = jnp.maximum(w_BxL.sum(), 1.0)
+  ce = (w_BxL * ce_BxL).sum() / n
+  z = z_loss * (w_BxL * lse_BxL ** 2).sum() / n
+  return ce + z, {"ce": ce, "z_loss": z, "num_scored": w_BxL.sum()}
+
+
+def mdm_corrupt_from_uniforms(inputs_BxL: jax.Array, scorable_BxL: jax.Array, t_B: jax.Array,
+                              u_B: jax.Array, r_BxL: jax.Array
+                              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """MDM corruption from given uniforms (t, u per row; r per position picks the masked set).
+
+  k = clip(max(1, floor(L t + u)), 0, #maskable); the k maskable inputs (id >= NUM_SPECIAL) with
+  the smallest r become <mask>. Target i is scored iff scorable and (input i+1 masked or i is the
+  last position), with weight 1/p, p = (1 - 1e-4) k / L + 1e-4.
+  Returns (masked_inputs_BxL, target_weights_BxL, {'k_B', 'p_B', 'masked_BxL'}).
+  """
+  _, L = inputs_BxL.shape
+  maskable_BxL = inputs_BxL >= NUM_SPECIAL
+  n_B = maskable_BxL.sum(axis=1)
+  k_B = jnp.maximum(1, jnp.floor(L * t_B.astype(jnp.float32) + u_B).astype(jnp.int32))
+  k_B = jnp.minimum(k_B, n_B)
+  r_BxL = jnp.where(maskable_BxL, r_BxL, 2.0)  # non-maskable positions rank last
+  rank_BxL = jnp.argsort(jnp.argsort(r_BxL, axis=1), axis=1)
+  masked_BxL = (rank_BxL < k_B[:, None]) & maskable_BxL
+  masked_inputs_BxL = jnp.where(masked_BxL, MASK, inputs_BxL).astype(inputs_BxL.dtype)
+  next_masked_BxL = jnp.concatenate([masked_BxL[:, 1:], jnp.ones_like(masked_BxL[:, :1])], axis=1)
+  p_B = (1.0 - MIN_RATE) * k_B.astype(jnp.float32) / L + MIN_RATE
+  weights_BxL = jnp.where(next_masked_BxL & scorable_BxL, 1.0 / p_B[:, None], 0.0)
+  return masked_inputs_BxL, weights_BxL, {"k_B": k_B, "p_B": p_B, "masked_BxL": masked_BxL}
+
+
+def mdm_corrupt(key: jax.Array, inputs_BxL: jax.Array, scorable_BxL: jax.Array
+                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """`mdm_corrupt_from_uniforms` with t, u ~ U(0,1) per row and r ~ U(0,1) per position."""
+  B, L = inputs_BxL.shape
+  kt, ku, kr = jax.random.split(key, 3)
+  return mdm_corrupt_from_uniforms(inputs_BxL, scorable_BxL, jax.random.uniform(kt, (B,)),
+                                   jax.random.uniform(ku, (B,)), jax.random.uniform(kr, (B, L)))
+
+
+def mdm_loss_from_corruption(params: Any, batch: Batch, masked_inputs_BxL: jax.Array,
+                             weights_BxL: jax.Array, *, cfg: model_lib.ModelConfig,
+                             z_loss: float = 1e-4) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MDM loss for a given corruption: sum(w * ce) / (B L) + z_loss * sum(w * lse^2) / (B L)."""
+  _, seg_BxL, targets_BxL, _ = split_batch(batch)
+  B, L = targets_BxL.shape
+  logits_BxLxV = model_lib.apply(params, masked_inputs_BxL, seg_BxL, cfg=cfg, mode="bidirectional")
+  ce_BxL, lse_BxL = token_losses(logits_BxLxV, targets_BxL)
+  ce = (weights_BxL * ce_BxL).sum() / (B * L)
+  z = z_loss * (weights_BxL * lse_BxL ** 2).sum() / (B * L)
+  return ce + z, {"ce": ce, "z_loss": z, "num_scored": (weights_BxL > 0).sum().astype(jnp.float32)}
+
+
+def mdm_loss(params: Any, batch: Batch, key: jax.Array, *, cfg: model_lib.ModelConfig,
+             z_loss: float = 1e-4) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Masked-diffusion NELBO estimate with noise from `key` (bidirectional attention)."""
+  inputs_BxL, _, _, scorable_BxL = split_batch(batch)
+  masked_BxL, w_BxL, aux = mdm_corrupt(key, inputs_BxL, scorable_BxL)
+  loss, metrics = mdm_loss_from_corruption(params, batch, masked_BxL, w_BxL, cfg=cfg,
+                                           z_loss=z_loss)
+  metrics["mask_rate"] = aux["masked_BxL"].mean()
+  return loss, metrics
+
+
+def dual_loss(params: Any, batch: Batch, key: jax.Array, *, cfg: model_lib.ModelConfig,
+              lam: float, ar_loss_scale: float = 1.0, z_loss: float = 1e-4
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Reference dual loss on the same rows: lam * ar_loss_scale * L_AR + (1 - lam) * L_MDM.
+
+  lam = 1 and lam = 0 compute only one objective.
+  """
+  if not 0.0 <= lam <= 1.0:
+    raise ValueError(f"lam (the AR share) must be in [0, 1], got {lam!r}")
+  if not ar_loss_scale >= 0.0:
+    raise ValueError(f"ar_loss_scale must be >= 0, got {ar_loss_scale!r}")
+  loss = jnp.zeros((), jnp.float32)
+  metrics = {}
+  if lam > 0:
+    ar, _ = ar_loss(params, batch, cfg=cfg, z_loss=z_loss)
+    loss = loss + lam * ar_loss_scale * ar
+    metrics["ar_loss"] = ar
+  if lam < 1:
+    mdm, _ = mdm_loss(params, batch, key, cfg=cfg, z_loss=z_loss)
+    loss = loss + (1.0 - lam) * mdm
+    metrics["mdm_loss"] = mdm
+  metrics["loss"] = loss
+  return loss, metrics
