@@ -1,0 +1,211 @@
+"""Objectives (DESIGN.md §3) against float64 NumPy re-derivations; MDM unbiasedness by enumeration."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dualjax import model as model_lib
+from dualjax import objectives
+from dualjax.special_tokens import BOS, MASK, NUM_SPECIAL, PAD
+
+CFG = model_lib.ModelConfig(vocab_size=48, num_layers=2, d_model=32, num_heads=2, head_dim=16,
+                            mlp_dim=64, max_seq_len=64, compute_dtype="float32",
+                            attention_impl="xla")
+
+
+def _params(seed=0):
+  p = model_lib.init(CFG, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
+
+
+def _batch():
+  """4 rows of L+1 = 21 tokens: several documents, trailing padding, a mostly-special row."""
+  rng = np.random.default_rng(0)
+  tok = rng.integers(NUM_SPECIAL, CFG.vocab_size, (4, 21)).astype(np.int32)
+  seg = np.ones((4, 21), np.int32)
+  tok[:, 0] = BOS
+  for b, starts in [(0, (7, 15)), (1, (12,)), (2, ()), (3, (3,))]:
+    for s in starts:
+      tok[b, s] = BOS
+      seg[b, s:] += 1
+  tok[2, 16:], seg[2, 16:] = PAD, 0                 # padding at the end of row 2
+  tok[3, 5:18] = np.arange(5, 18) % NUM_SPECIAL     # row 3: only a few maskable tokens
+  tok[3, 5:18] = np.where(tok[3, 5:18] == BOS, 2, tok[3, 5:18])
+  return {"tokens": tok, "segment_ids": seg}
+
+
+def _np_scorable(batch):
+  return (batch["tokens"][:, 1:] != BOS) & (batch["segment_ids"][:, 1:] != 0)
+
+
+def _np_corrupt(inputs, scorable, t, u, r):
+  """§3 per row, float64: exact-count masking, MNTP targets, realised-rate weights."""
+  B, L = inputs.shape
+  out, w, ks = inputs.copy(), np.zeros((B, L)), []
+  for b in range(B):
+    maskable = [j for j in range(L) if inputs[b, j] >= NUM_SPECIAL]
+    k = min(max(1, math.floor(L * float(t[b]) + float(u[b]))), len(maskable))
+    chosen = set(sorted(maskable, key=lambda j: r[b, j])[:k])
+    for j in chosen:
+      out[b, j] = MASK
+    p = (1 - 1e-4) * k / L + 1e-4
+    for i in range(L):
+      if scorable[b, i] and (i == L - 1 or i + 1 in chosen):
+        w[b, i] = 1 / p
+    ks.append(k)
+  return out, w, np.array(ks)
+
+
+def _np_ce_lse(logits, targets):
+  logits = np.asarray(logits, np.float64)
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  return lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0], lse
+
+
+def test_mdm_corruption_matches_numpy_on_fixed_noise():
+  batch = _batch()
+  inputs, scorable = batch["tokens"][:, :-1], _np_scorable(batch)
+  B, L = inputs.shape
+  rng = np.random.default_rng(1)
+  t = np.array([0.003, 0.41, 0.77, 0.95], np.float32)  # tiny t -> k = max(1, ...); big t -> clipped
+  u = rng.random(B).astype(np.float32)
+  r = rng.random((B, L)).astype(np.float32)
+  masked, w, aux = objectives.mdm_corrupt_from_uniforms(jnp.asarray(inputs), jnp.asarray(scorable),
+                                                        t, u, r)
+  want_masked, want_w, want_k = _np_corrupt(inputs, scorable, t, u, r)
+  np.testing.assert_array_equal(aux["k_B"], want_k)
+  np.testing.assert_array_equal(masked, want_masked)
+  np.testing.assert_allclose(w, want_w, rtol=1e-6)
+  masked = np.asarray(masked)
+  assert ((masked == MASK).sum(1) == want_k).all()
+  special = inputs < NUM_SPECIAL
+  np.testing.assert_array_equal(masked[special], inputs[special])   # specials never masked
+  assert want_k[0] == 1 and want_k[3] == (inputs[3] >= NUM_SPECIAL).sum()
+  assert (np.asarray(w)[:, -1] > 0).tolist() == scorable[:, -1].tolist()  # last target always
+
+
+def test_mdm_key_path_and_loss_value_match_numpy():
+  params, batch = _params(), _batch()
+  inputs, scorable = batch["tokens"][:, :-1], _np_scorable(batch)
+  B, L = inputs.shape
+  key = jax.random.key(5)
+  kt, ku, kr = jax.random.split(key, 3)
+  t, u = jax.random.uniform(kt, (B,)), jax.random.uniform(ku, (B,))
+  r = jax.random.uniform(kr, (B, L))
+  masked, w, _ = _np_corrupt(inputs, scorable, np.asarray(t), np.asarray(u), np.asarray(r))
+  z = 1e-3
+  with jax.default_matmul_precision("highest"):
+    loss, metrics = objectives.mdm_loss(params, batch, key, cfg=CFG, z_loss=z)
+    logits = model_lib.apply(params, masked, batch["segment_ids"][:, :-1], cfg=CFG,
+                             mode="bidirectional")
+  ce, lse = _np_ce_lse(logits, batch["tokens"][:, 1:])
+  want_ce = (w * ce).sum() / (B * L)
+  want_z = z * (w * lse ** 2).sum() / (B * L)
+  np.testing.assert_allclose(metrics["ce"], want_ce, rtol=1e-5)
+  np.testing.assert_allclose(metrics["z_loss"], want_z, rtol=1e-5)
+  np.testing.assert_allclose(loss, want_ce + want_z, rtol=1e-5)
+
+
+def test_ar_loss_matches_numpy():
+  params, batch = _params(), _batch()
+  z = 1e-3
+  with jax.default_matmul_precision("highest"):
+    loss, metrics = objectives.ar_loss(params, batch, cfg=CFG, z_loss=z)
+    logits = model_lib.apply(params, batch["tokens"][:, :-1], batch["segment_ids"][:, :-1],
+                             cfg=CFG, mode="causal")
+  ce, lse = _np_ce_lse(logits, batch["tokens"][:, 1:])
+  s = _np_scorable(batch)
+  assert metrics["num_scored"] == s.sum() < s.size
+  np.testing.assert_allclose(metrics["ce"], ce[s].mean(), rtol=1e-5)
+  np.testing.assert_allclose(loss, ce[s].mean() + z * (lse[s] ** 2).mean(), rtol=1e-5)
+
+
+def _k_distribution(L, n_maskable, grid=2000):
+  """P(k) for k = min(max(1, floor(L t + u)), n), t, u ~ U(0,1): midpoint rule on a fine grid."""
+  x = (np.arange(grid) + 0.5) / grid
+  k = np.minimum(np.maximum(1, np.floor(L * x[:, None] + x[None, :])), n_maskable).astype(int)
+  return np.bincount(k.ravel(), minlength=n_maskable + 1) / k.size
+
+
+@pytest.mark.slow
+def test_mdm_loss_is_an_unbiased_estimate_of_its_exact_expectation():
+  """Mean over many noise draws == exact expectation over (t, u, mask choice), enumerated."""
+  params = _params(3)
+  row = np.array([BOS, 20, 31, 17, BOS, 40, 25], np.int32)   # L = 6 inputs, 4 maskable
+  seg = np.array([1, 1, 1, 1, 2, 2, 2], np.int32)
+  inputs, targets, L = row[:-1], row[1:], 6
+  scorable = (targets != BOS)
+  maskable = [j for j in range(L) if inputs[j] >= NUM_SPECIAL]
+  z = 1e-2
+  subsets = [s for n in range(len(maskable) + 1) for s in itertools.combinations(maskable, n)]
+  masked_SxL = np.stack([np.where(np.isin(np.arange(L), s), MASK, inputs) for s in subsets])
+  with jax.default_matmul_precision("highest"):
+    logits = model_lib.apply(params, masked_SxL, np.repeat(seg[None, :-1], len(subsets), 0),
+                             cfg=CFG, mode="bidirectional")
+  ce, lse = _np_ce_lse(logits, np.repeat(targets[None], len(subsets), 0))
+
+  def moments(p_k):
+    ex = ex2 = 0.0
+    for s_idx, s in enumerate(subsets):
+      k = len(s)
+      if p_k[k] == 0:
+        continue
+      p = (1 - 1e-4) * k / L + 1e-4
+      w = np.array([scorable[i] and (i == L - 1 or i + 1 in s) for i in range(L)]) / p
+      x = (w * (ce[s_idx] + z * lse[s_idx] ** 2)).sum() / L
+      prob = p_k[k] / math.comb(len(maskable), k)
+      ex, ex2 = ex + prob * x, ex2 + prob * x * x
+    return ex, ex2 - ex * ex
+
+  exact, var = moments(_k_distribution(L, len(maskable)))
+  n = 20_000
+  batch = {"tokens": np.repeat(row[None], n, 0), "segment_ids": np.repeat(seg[None], n, 0)}
+  with jax.default_matmul_precision("highest"):
+    mc = float(jax.jit(lambda b, k: objectives.mdm_loss(params, b, k, cfg=CFG, z_loss=z)[0])(
+        batch, jax.random.key(11)))
+  se = math.sqrt(var / n)
+  assert abs(mc - exact) < 4 * se, (mc, exact, se)
+  # The test has power: plain rounding (k = max(1, round(L t)), no u) changes the expectation.
+  x = (np.arange(4000) + 0.5) / 4000
+  alt_k = np.minimum(np.maximum(1, np.floor(L * x)), len(maskable)).astype(int)
+  alt = np.bincount(alt_k, minlength=len(maskable) + 1) / alt_k.size
+  assert abs(moments(alt)[0] - exact) > 8 * se
+
+
+def test_dual_loss_combination_and_lambda_errors():
+  params, batch = _params(), _batch()
+  key = jax.random.key(2)
+  ar, _ = objectives.ar_loss(params, batch, cfg=CFG)
+  mdm, _ = objectives.mdm_loss(params, batch, key, cfg=CFG)
+  loss, m = objectives.dual_loss(params, batch, key, cfg=CFG, lam=0.25, ar_loss_scale=2.0)
+  np.testing.assert_allclose(loss, 0.25 * 2.0 * ar + 0.75 * mdm, rtol=1e-6)
+  loss1, m1 = objectives.dual_loss(params, batch, key, cfg=CFG, lam=1.0, ar_loss_scale=2.0)
+  np.testing.assert_allclose(loss1, 2.0 * ar, rtol=1e-6)
+  assert "mdm_loss" not in m1                       # lam = 1 computes no MDM
+  loss0, m0 = objectives.dual_loss(params, batch, key, cfg=CFG, lam=0.0)
+  np.testing.assert_allclose(loss0, mdm, rtol=1e-6)
+  assert "ar_loss" not in m0
+  for lam in (-0.1, 1.5, float("nan")):
+    with pytest.raises(ValueError, match="lam .* must be in \\[0, 1\\]"):
+      objectives.dual_loss(params, batch, key, cfg=CFG, lam=lam)
+
+
+def test_bad_batches():
+  params = _params()
+  good = _batch()
+  with pytest.raises(ValueError, match="missing 'segment_ids'"):
+    objectives.ar_loss(params, {"tokens": good["tokens"]}, cfg=CFG)
+  with pytest.raises(ValueError, match=r"batch\['tokens'\] must be \[B, L\+1\]"):
+    objectives.ar_loss(params, {"tokens": good["tokens"][:, :1], "segment_ids": good["segment_ids"][:, :1]},
+                       cfg=CFG)
+  with pytest.raises(ValueError, match="segment_ids'\\] shape"):
+    objectives.mdm_loss(params, {"tokens": good["tokens"], "segment_ids": good["segment_ids"][:, :5]},
+                        jax.random.key(0), cfg=CFG)
