@@ -1,0 +1,195 @@
+"""Tokenizers (DESIGN.md §6): a small protocol and its SentencePiece BPE implementation.
+
+Special ids: <unk>=0, <s>=1, </s>=2, <pad>=3, <mask>=4, <special_0..10>=5..15. `encode` never
+emits them from text (they are SentencePiece control symbols; "<mask>" in text is plain text).
+Normalisation is the identity (no whitespace folding, no dummy prefix) with byte fallback, so
+`decode(encode(s)) == s` for every str s. The one character SentencePiece cannot keep, its
+whitespace symbol U+2581, is encoded as its three UTF-8 byte pieces.
+"""
+
+import hashlib
+import io
+import os
+import pathlib
+from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+import sentencepiece as spm
+
+from dualjax.special_tokens import BOS, EOS, MASK, NUM_SPECIAL, PAD, UNK
+
+SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>", "<mask>") + tuple(
+    f"<special_{i}>" for i in range(NUM_SPECIAL - 5))
+NUM_BYTES = 256
+_META = "\u2581"  # SentencePiece's whitespace symbol
+
+__all__ = ["UNK", "BOS", "EOS", "PAD", "MASK", "NUM_SPECIAL", "SPECIAL_PIECES", "Tokenizer",
+           "TokenizerError", "SentencePieceTokenizer", "train_sentencepiece", "load_tokenizer",
+           "file_checksum"]
+
+
+class TokenizerError(ValueError):
+  """Bad tokenizer input (vocab size, file); the message is one line naming the field/file."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What the rest of dualjax sees of a tokenizer."""
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  @property
+  def checksum(self) -> str: ...
+
+  unk_id: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  mask_id: int
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without any special token."""
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; special tokens decode to nothing."""
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+  """sha256 hex digest of a file's bytes."""
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model file with the §6 special-token layout."""
+
+  unk_id, bos_id, eos_id, pad_id, mask_id = UNK, BOS, EOS, PAD, MASK
+
+  def __init__(self, model_file: str | os.PathLike):
+    path = pathlib.Path(model_file)
+    if not path.is_file():
+      raise TokenizerError(f"tokenizer file {path} does not exist")
+    data = path.read_bytes()
+    try:
+      self.sp = spm.SentencePieceProcessor(model_proto=data)
+    except Exception as e:  # pylint: disable=broad-except
+      raise TokenizerError(f"tokenizer file {path} is not a SentencePiece model ({e})") from None
+    self.path = path
+    self._checksum = hashlib.sha256(data).hexdigest()
+    n = self.sp.get_piece_size()
+    for i, want in enumerate(SPECIAL_PIECES[:min(n, NUM_SPECIAL)]):
+      if self.sp.id_to_piece(i) != want:
+        raise TokenizerError(f"tokenizer file {path}: id {i} is {self.sp.id_to_piece(i)!r}, "
+                             f"expected {want!r} (DESIGN.md §6 special tokens)")
+    if n < NUM_SPECIAL:
+      raise TokenizerError(f"tokenizer file {path}: vocab size {n} < {NUM_SPECIAL} special tokens")
+    self._meta_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
+    if any(self.sp.id_to_piece(i) == "<unk>" for i in self._meta_bytes):
+      raise TokenizerError(f"tokenizer file {path} has no byte fallback pieces")
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.get_piece_size()
+
+  @property
+  def checksum(self) -> str:
+    return self._checksum
+
+  def encode(self, text: str) -> list[int]:
+    if _META not in text:
+      return self.sp.encode(text)
+    out: list[int] = []
+    for i, part in enumerate(text.split(_META)):
+      if i:
+        out.extend(self._meta_bytes)
+      out.extend(self.sp.encode(part))
+    return out
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` of each text (SentencePiece's batched C++ path where possible)."""
+    if not any(_META in t for t in texts):
+      return self.sp.encode(list(texts))
+    return [self.encode(t) for t in texts]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and the [begin, end) character span of each token in `text`."""
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    base = 0
+    for i, part in enumerate(text.split(_META)):
+      if i:
+        ids.extend(self._meta_bytes)
+        spans.extend([(base - 1, base - 1)] * 2 + [(base - 1, base)])
+      char_at = _byte_to_char(part)
+      for p in self.sp.encode(part, out_type="proto").pieces:
+        ids.append(p.id)
+        spans.append((base + char_at[p.begin], base + char_at[p.end]))
+      base += len(part) + 1
+    return ids, spans
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.sp.decode([int(i) for i in ids if int(i) >= NUM_SPECIAL])
+
+  def id_to_piece(self, i: int) -> str:
+    return self.sp.id_to_piece(int(i))
+
+
+def _byte_to_char(s: str) -> list[int]:
+  """For each UTF-8 byte offset of s (0..len(bytes)), the index of the char it falls in."""
+  out = []
+  for ci, ch in enumerate(s):
+    out.extend([ci] * len(ch.encode()))
+  out.append(len(s))
+  return out
+
+
+def train_sentencepiece(texts: Iterable[str], model_file: str | os.PathLike, *, vocab_size: int,
+                        max_chars: int = 200_000_000, num_threads: int | None = None,
+                        character_coverage: float = 0.9995) -> SentencePieceTokenizer:
+  """Trains a BPE model with byte fallback on `texts` (at most `max_chars` characters of them).
+
+  Writes `model_file` (atomically) and returns the loaded tokenizer.
+  """
+  check_vocab_size(vocab_size)
+
+  def sample() -> Iterator[str]:
+    n = 0
+    for t in texts:
+      if n >= max_chars:
+        return
+      t = t[:max_chars - n]
+      n += len(t)
+      if t:
+        yield t
+
+  buf = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sample(), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+        control_symbols=list(SPECIAL_PIECES[4:]), normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        split_digits=True, character_coverage=character_coverage, hard_vocab_limit=False,
+        max_sentence_length=1 << 30, input_sentence_size=0, minloglevel=2,
+        num_threads=num_threads or os.cpu_count() or 1)
+  except RuntimeError as e:
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    raise TokenizerError(f"vocab_size={vocab_size}: SentencePiece training failed: {msg}") from None
+  path = pathlib.Path(model_file)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(buf.getvalue())
+  os.replace(tmp, path)
+  return SentencePieceTokenizer(path)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+  """Raises TokenizerError (one line naming vocab_size) if no BPE model of this size can exist."""
+  if vocab_size < NUM_SPECIAL:
+    raise TokenizerError(f"vocab_size={vocab_size} is smaller than the {NUM_SPECIAL} special tokens")
+  if vocab_size < NUM_SPECIAL + NUM_BYTES:
+    raise TokenizerError(f"vocab_size={vocab_size} is smaller than the {NUM_SPECIAL} special tokens "
+                         f"+ {NUM_BYTES} byte-fallback pieces")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """Loads a tokenizer file (SentencePiece `.model`)."""
+  return SentencePieceTokenizer(path)
