@@ -94,7 +94,7 @@ def test_train_small_and_reject_foreign_layout(tmp_path):
   spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=36,
                                  minloglevel=2)
   (tmp_path / "foreign.model").write_bytes(buf.getvalue())
-  with pytest.raises(tok_lib.TokenizerError, match="foreign.model: id 0"):
+  with pytest.raises(tok_lib.TokenizerError, match=r"foreign.model: id \d+ is .*expected"):
     tok_lib.load_tokenizer(tmp_path / "foreign.model")
   with pytest.raises(tok_lib.TokenizerError, match="missing.model does not exist"):
     tok_lib.load_tokenizer(tmp_path / "missing.model")
