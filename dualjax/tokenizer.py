@@ -151,15 +151,20 @@ def train_sentencepiece(texts: Iterable[str], model_file: str | os.PathLike, *, 
   """
   check_vocab_size(vocab_size)
 
+  errors: list[BaseException] = []
+
   def sample() -> Iterator[str]:
     n = 0
-    for t in texts:
-      if n >= max_chars:
-        return
-      t = t[:max_chars - n]
-      n += len(t)
-      if t:
-        yield t
+    try:
+      for t in texts:
+        if n >= max_chars:
+          return
+        t = t[:max_chars - n]
+        n += len(t)
+        if t:
+          yield t
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)  # re-raised below, not swallowed by SentencePiece
 
   buf = io.BytesIO()
   try:
@@ -172,8 +177,12 @@ def train_sentencepiece(texts: Iterable[str], model_file: str | os.PathLike, *, 
         max_sentence_length=1 << 30, input_sentence_size=0, minloglevel=2,
         num_threads=num_threads or os.cpu_count() or 1)
   except RuntimeError as e:
+    if errors:
+      raise errors[0] from None
     msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     raise TokenizerError(f"vocab_size={vocab_size}: SentencePiece training failed: {msg}") from None
+  if errors:
+    raise errors[0]
   path = pathlib.Path(model_file)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_bytes(buf.getvalue())

@@ -1,0 +1,131 @@
+"""prepare: records decode to the source documents, manifest counts, split rule, idempotence,
+worker-count independence, and the CLI's bad-input contract (exit 2, one line, nothing touched)."""
+
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dualjax import prepare as prepare_lib
+from dualjax import tokenizer as tok_lib
+from data_fixtures import read_records
+from test_sources import make_tfds
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _corpus(tmp_path, n=60):
+  rng = np.random.default_rng(0)
+  words = ["alpha", "beta", "gamma", "delta", "  ", "\n", "ünï", "🎉", "the", "of", "and"]
+  docs = [" ".join(rng.choice(words, size=int(rng.integers(3, 80)))) for _ in range(n)]
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[: n // 2]))
+  for i, d in enumerate(docs[n // 2:]):
+    (src / f"t{i:03d}.txt").write_text(d)
+  return src, docs
+
+
+def _is_val(text, frac):  # the documented rule, recomputed
+  return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64 < frac
+
+
+def _snapshot(d: pathlib.Path):
+  return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.iterdir())}
+
+
+def test_records_manifest_split_and_idempotence(tmp_path, capsys):
+  src, docs = _corpus(tmp_path)
+  out = tmp_path / "out"
+  m = prepare_lib.prepare(str(src), out, vocab_size=400, num_workers=1, val_fraction=0.2)
+  tok = prepare_lib.load_tokenizer(out)
+  assert m["tokenizer"]["checksum"] == hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest()
+  train, val = read_records(out, "train"), read_records(out, "val")
+  want_val = [d for d in docs if _is_val(d, 0.2)]
+  want_train = [d for d in docs if not _is_val(d, 0.2)]
+  assert 0 < len(want_val) < len(docs)
+  for recs, want in ((train, want_train), (val, want_val)):
+    assert [tok.decode(r[1:]) for r in recs] == want       # source order, exact text
+    assert all(r[0] == tok_lib.BOS and (r[1:] >= tok_lib.NUM_SPECIAL).all() for r in recs)
+  assert m["train"]["documents"] == len(train) and m["val"]["documents"] == len(val)
+  assert m["train"]["tokens"] == sum(map(len, train)) and m["val"]["tokens"] == sum(map(len, val))
+  np.testing.assert_array_equal(np.load(out / "train_lengths.npy"), [len(r) for r in train])
+  assert m["source"] == str(src) and m["fingerprint"] and m["source_description"]
+  on_disk = json.loads((out / "manifest.json").read_text())
+  assert on_disk["train"] == m["train"]
+
+  before = _snapshot(out)
+  capsys.readouterr()
+  again = prepare_lib.prepare(str(src), out, vocab_size=400, num_workers=1, val_fraction=0.2)
+  assert "up to date" in capsys.readouterr().out
+  assert again == on_disk and _snapshot(out) == before       # nothing rewritten
+  (src / "t000.txt").write_text("a changed document")
+  m3 = prepare_lib.prepare(str(src), out, vocab_size=400, num_workers=1, val_fraction=0.2)
+  assert m3["key"] != m["key"]
+  tok = prepare_lib.load_tokenizer(out)  # retrained on the changed input
+  assert "a changed document" in [tok.decode(r[1:]) for r in read_records(out, "train") + read_records(out, "val")]
+
+
+def test_workers_and_given_tokenizer(tmp_path):
+  src, _ = _corpus(tmp_path)
+  a = prepare_lib.prepare(str(src), tmp_path / "a", vocab_size=400, num_workers=1, verbose=False)
+  b = prepare_lib.prepare(str(src), tmp_path / "b", tokenizer=tmp_path / "a" / "tokenizer.model",
+                          num_workers=2, verbose=False)
+  assert b["tokenizer"]["checksum"] == a["tokenizer"]["checksum"] and not b["tokenizer"]["trained_here"]
+  for split in ("train", "val"):
+    for fa, fb in zip(a[split]["shards"], b[split]["shards"]):
+      assert (tmp_path / "a" / fa).read_bytes() == (tmp_path / "b" / fb).read_bytes()
+
+
+def test_tfds_source_through_cli(tmp_path):
+  """A fresh process reads the TFDS dataset from its data_dir alone (no builder code)."""
+  make_tfds(tmp_path / "tfds")
+  r = _cli(f"--source=tfds:dualjax_tiny_text@{tmp_path / 'tfds'}", f"--out={tmp_path / 'o'}",
+           "--vocab_size=300", "--num_workers=1", "--val_fraction=0")
+  assert r.returncode == 0, r.stderr
+  m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+  assert m["train"]["documents"] == 12 and "TFDS" in m["source_description"]
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "dualjax.prepare", *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=120)
+
+
+def test_cli_help():
+  r = _cli("--help")
+  assert r.returncode == 0 and "--source" in r.stdout and "--vocab_size" in r.stdout
+
+
+@pytest.fixture
+def existing(tmp_path):
+  """A good prepared output that every bad run below must leave untouched."""
+  src, _ = _corpus(tmp_path, n=10)
+  out = tmp_path / "out"
+  prepare_lib.prepare(str(src), out, vocab_size=300, num_workers=1, verbose=False)
+  return tmp_path, out, _snapshot(out)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda d: [f"--source={d / 'nope.jsonl'}"], "nope.jsonl"),
+    (lambda d: [f"--source={d / 'empty.txt'}"], "empty.txt"),
+    (lambda d: [f"--source={d / 'bad.jsonl'}"], "bad.jsonl:2"),
+    (lambda d: ["--source=embedded:shakespeare"], "shakespeare"),
+    (lambda d: ["--source=s3://bucket/x"], "s3"),
+    (lambda d: [f"--source={d / 'src'}", "--vocab_size=10"], "vocab_size=10"),
+    (lambda d: [f"--source={d / 'src'}", f"--tokenizer={d / 'no.model'}"], "no.model"),
+])
+def test_cli_bad_input(existing, make, field):
+  d, out, before = existing
+  (d / "empty.txt").write_text("")
+  (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "unterminated\n')
+  r = _cli(*make(d), f"--out={out}", "--num_workers=1")
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr
+  assert _snapshot(out) == before
+  assert sorted(p.name for p in d.iterdir() if p.name.startswith(".out")) == []  # no temp left
