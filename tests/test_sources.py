@@ -84,8 +84,18 @@ def test_bad_content_names_file_and_line(tmp_path):
     _texts(str(tmp_path / "nocol.parquet"))
 
 
+_BUILDER = []
+
+
 def make_tfds(data_dir) -> None:
   """A tiny real TFDS dataset (ArrayRecord format) built with TFDS's own builder machinery."""
+  if not _BUILDER:
+    _BUILDER.append(_define_builder())
+  _BUILDER[0](data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def _define_builder():
+  """Defined once per process (TFDS registers builder classes by name)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class DualjaxTinyText(tfds.core.GeneratorBasedBuilder):
@@ -103,7 +113,7 @@ def make_tfds(data_dir) -> None:
       for i in range(n):
         yield i, {"text": f"tfds document {i}: " + "word " * (i + 1), "n": i}
 
-  DualjaxTinyText(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return DualjaxTinyText
 
 
 def test_tfds_source(tmp_path):
