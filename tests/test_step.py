@@ -1,0 +1,105 @@
+"""The dual step's gradient is lam * grad(L_AR) + (1 - lam) * grad(L_MDM) on the same rows and noise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dualjax import mesh as mesh_lib
+from dualjax import model as model_lib
+from dualjax import objectives
+from dualjax import step as step_lib
+
+CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
+                            mlp_dim=48, max_seq_len=32, compute_dtype="float32",
+                            attention_impl="xla")
+SCALE = 2.0
+
+
+def _batch(rows: int, length: int = 17, seed: int = 0) -> dict[str, np.ndarray]:
+  """Packed rows: documents of random length, each starting with <s> (id 1)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(16, CFG.vocab_size, size=(rows, length)).astype(np.int32)
+  seg = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    pos, doc = int(rng.integers(0, 4)), 1
+    seg[r, :pos] = 1
+    while pos < length:
+      n = int(rng.integers(3, 9))
+      tokens[r, pos] = 1
+      seg[r, pos:pos + n] = doc + 1
+      pos, doc = pos + n, doc + 1
+  return {"tokens": tokens, "segment_ids": seg}
+
+
+def _reference_grads(params, batch, key, split: mesh_lib.Split):
+  """lam * scale * grad(mean_AR cells L_AR) + (1 - lam) * grad(mean_MDM cells L_MDM), plain jax."""
+  R, M = split.replicas, split.microsteps
+  B = batch["tokens"].shape[0]
+  per_replica = B // R
+  ar_cells, mdm_cells = [], []
+  for r in range(R):
+    for m in range(M):
+      idx = np.arange(r * per_replica, (r + 1) * per_replica)[m::M]
+      rows = {k: v[idx] for k, v in batch.items()}
+      cell = m * R + r
+      (ar_cells if split.is_ar(m, r) else mdm_cells).append((rows, jax.random.fold_in(key, cell)))
+
+  def l_ar(p):
+    return sum(objectives.ar_loss(p, rows, cfg=CFG, z_loss=1e-4)[0] for rows, _ in ar_cells) / len(ar_cells)
+
+  def l_mdm(p):
+    return sum(objectives.mdm_loss(p, rows, k, cfg=CFG, z_loss=1e-4)[0]
+               for rows, k in mdm_cells) / len(mdm_cells)
+
+  g_ar, g_mdm = jax.grad(l_ar)(params), jax.grad(l_mdm)(params)
+  lam = split.lam
+  return jax.tree.map(lambda a, b: lam * SCALE * a + (1 - lam) * b, g_ar, g_mdm), l_ar(params), l_mdm(params)
+
+
+@pytest.mark.parametrize("mesh_shape,lam,rows", [((1, 1, 1), 0.25, 8), ((4, 2, 1), 0.375, 16)])
+def test_dual_gradient_matches_separate_objectives(mesh_shape, lam, rows):
+  n = int(np.prod(mesh_shape))
+  mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:n])
+  split = mesh_lib.make_split(lam, rows, mesh.shape["replica"])
+  assert 0 < split.n_ar < split.cells
+  params = model_lib.init(CFG, jax.random.key(0))
+  batch = _batch(rows)
+  key = jax.random.key(7)
+  grad_fn = jax.jit(step_lib.make_grad_fn(CFG, split, mesh, ar_loss_scale=SCALE, z_loss=1e-4))
+  batch_j = {k: jnp.asarray(v) for k, v in batch.items()}
+  grads, metrics = grad_fn(params, batch_j, key)
+  want, l_ar, l_mdm = _reference_grads(params, batch, key, split)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-7)
+  np.testing.assert_allclose(metrics["ar_loss"], l_ar, rtol=1e-6)
+  np.testing.assert_allclose(metrics["mdm_loss"], l_mdm, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], lam * SCALE * l_ar + (1 - lam) * l_mdm, rtol=1e-6)
+  assert _has_conditional(grad_fn.lower(params, batch_j, key).as_text())
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_single_objective_is_plain(lam):
+  mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  split = mesh_lib.make_split(lam, 4, 1)
+  assert split.microsteps == 1
+  params = model_lib.init(CFG, jax.random.key(0))
+  batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}
+  key = jax.random.key(3)
+  grad_fn = jax.jit(step_lib.make_grad_fn(CFG, split, mesh, ar_loss_scale=1.0, z_loss=1e-4))
+  grads, metrics = grad_fn(params, batch, key)
+  if lam == 1.0:
+    f = lambda p: objectives.ar_loss(p, batch, cfg=CFG, z_loss=1e-4)[0]
+  else:
+    f = lambda p: objectives.mdm_loss(p, batch, jax.random.fold_in(key, 0), cfg=CFG, z_loss=1e-4)[0]
+  want = jax.grad(f)(params)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-7)
+  assert ("mdm_loss" in metrics) == (lam == 0.0)
+  # The compiled program has no conditional when one objective has all cells.
+  hlo = grad_fn.lower(params, batch, key).as_text()
+  assert not _has_conditional(hlo)
+
+
+def _has_conditional(stablehlo: str) -> bool:
+  return "stablehlo.case" in stablehlo or "stablehlo.if" in stablehlo
