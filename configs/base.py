@@ -54,9 +54,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=256, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(
-      every=16, val_every=512, val_batches=8, span_mask_val=False,
-      overfit_window=4))  # evaluations of rising held-out loss with falling train loss
-  c.eval = ml_collections.ConfigDict(dict(every=0, tasks="", modes="ar,prefix", limit=0))
+      every=16, val_every=512, val_batches=8,
+      span_mask_val=False,     # also the authors' validation loss: BERT-style 10% span masking
+      overfit_rel_tol=0.01))   # paper §5.3 flag: held-out loss this far above its best
+  # Downstream evaluation (dualjax.evaluate) every `every` steps and at the end; 0 = off.
+  # tasks: comma-separated (empty = all nine); limit: items per task (0 = all).
+  c.eval = ml_collections.ConfigDict(dict(every=0, tasks="", modes="ar,prefix", limit=0,
+                                          data_dir=""))  # empty = ../shared/eval-data
 
   if arg == "tiny":
     _tiny(c)

@@ -100,3 +100,45 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_for_eval(path: str | os.PathLike, step: int | None = None
+                  ) -> tuple[Any, Any, Any, int]:
+  """(params, model_cfg, tokenizer, step) from a training workdir or one of its step directories.
+
+  `path` is a workdir (its newest readable checkpoint, or `step`) or `<workdir>/checkpoints/N`.
+  Parameters are restored replicated over all devices (optimizer state is not kept).
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from dualjax import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from dualjax import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  from dualjax import train as train_lib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(path)
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    workdir, step = path.parent.parent, int(path.name)
+  else:
+    workdir = path
+  config_file = workdir / "config.json"
+  if not config_file.is_file():
+    raise ValueError(f"{path}: not a training workdir or checkpoint (no {config_file})")
+  cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  tokenizer = tok_lib.load_tokenizer(workdir / train_lib.TOKENIZER_FILE)
+  mesh = mesh_lib.make_mesh(-1, 1, 1)
+  abstract, _, _ = train_lib.abstract_state(cfg, mesh)
+  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None and step not in steps:
+    raise ValueError(f"{workdir}: no checkpoint at step {step} (have {sorted(steps)})")
+  for s in ([step] if step is not None else steps):
+    try:
+      restored = manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # pylint: disable=broad-except
+      if step is not None:
+        raise ValueError(f"{workdir}: checkpoint {s} is unreadable ({type(e).__name__})") from None
+      log.warning("checkpoint %d is unreadable (%s); trying the previous one", s, type(e).__name__)
+      continue
+    manager.close()
+    return restored["state"]["params"], train_lib.model_config(cfg), tokenizer, s
+  raise ValueError(f"{workdir}: no readable checkpoint in {workdir / 'checkpoints'}")

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 AXES = ("replica", "fsdp", "tensor")
 
@@ -62,12 +62,17 @@ def mesh_shape(replica: int, fsdp: int, tensor: int, num_devices: int) -> tuple[
 
 def make_mesh(replica: int, fsdp: int, tensor: int,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('replica', 'fsdp', 'tensor') mesh over `devices` (default: all)."""
+  """A ('replica', 'fsdp', 'tensor') mesh over `devices` (default: all), Auto-typed axes.
+
+  Auto axes: shardings are annotations the compiler propagates (jax >= 0.7's `make_mesh`
+  defaults to Explicit sharding-in-types, which the model code does not use).
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(replica, fsdp, tensor, len(devices))
+  auto = (AxisType.Auto,) * len(AXES)
   if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, AXES, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
 
 
 def _nearest(lam: float, cells: int) -> str:

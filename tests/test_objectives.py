@@ -209,3 +209,28 @@ def test_bad_batches():
   with pytest.raises(ValueError, match="segment_ids'\\] shape"):
     objectives.mdm_loss(params, {"tokens": good["tokens"], "segment_ids": good["segment_ids"][:, :5]},
                         jax.random.key(0), cfg=CFG)
+
+
+def test_span_mask_loss_matches_numpy():
+  """Authors' validation loss: one 10% span per row masked, mean CE over its targets."""
+  params, batch = _params(), _batch()
+  inputs, scorable = batch["tokens"][:, :-1], _np_scorable(batch)
+  B, L = inputs.shape
+  n = max(1, round(0.1 * L))
+  key = jax.random.key(3)
+  start = np.asarray(jax.random.randint(key, (B,), 0, L - n + 1))
+  masked, scored = inputs.copy(), np.zeros((B, L), bool)
+  for b in range(B):
+    for j in range(start[b], start[b] + n):
+      if inputs[b, j] >= NUM_SPECIAL:
+        masked[b, j] = MASK
+        if j >= 1 and scorable[b, j - 1]:
+          scored[b, j - 1] = True
+  assert scored.sum() > 0
+  with jax.default_matmul_precision("highest"):
+    loss, metrics = objectives.span_mask_loss(params, batch, key, cfg=CFG)
+    logits = model_lib.apply(params, masked, batch["segment_ids"][:, :-1], cfg=CFG,
+                             mode="bidirectional")
+  ce, _ = _np_ce_lse(logits, batch["tokens"][:, 1:])
+  assert metrics["num_scored"] == scored.sum()
+  np.testing.assert_allclose(loss, ce[scored].mean(), rtol=1e-5)
