@@ -113,8 +113,8 @@ def make_train_step(model_cfg: model_lib.ModelConfig, split: Split, mesh: Mesh,
     grads, metrics = grad_fn(state["params"], batch, key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
   return train_step

@@ -238,3 +238,34 @@ def test_readme_demo_runs_as_written_and_validation_loss_falls(tmp_path):
   val = metrics_lib.read_metrics(tmp_path / "demo", "val")
   first, last = val[min(val)], val[max(val)]
   assert last["ar_loss"] < first["ar_loss"] - 1.0 and last["mdm_loss"] < first["mdm_loss"] - 1.0
+
+
+def test_evaluate_cli_reads_a_training_workdir(reference_run, eval_data_dir, tmp_path):
+  out = tmp_path / "eval.json"
+  r = subprocess.run(
+      [sys.executable, "-m", "dualjax.evaluate", f"--workdir={reference_run[0]}",
+       "--tasks=arc_easy,piqa", "--modes=ar", "--limit=6", f"--data_dir={eval_data_dir}",
+       f"--out={out}"], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300,
+      check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert res["step"] == 60 and res["tasks"]["piqa"]["num_examples"] == 6
+  assert 0.0 <= res["tasks"]["arc_easy"]["modes"]["ar"]["acc"] <= 1.0
+
+
+def test_periodic_evaluation_during_training(embedded_prepared, eval_data_dir, tmp_path):  # noqa: F811
+  from configs import base  # pylint: disable=import-outside-toplevel
+  cfg = base.rep_config(32, "tiny")
+  for k, v in (OVERRIDES | {"data.prepared_dir": str(embedded_prepared), "train.steps": 4,
+                            "data.repetitions": 1, "log.val_every": 0, "eval.every": 2,
+                            "eval.tasks": "arc_easy",
+                            "eval.modes": "ar,prefix", "eval.limit": 4,
+                            "eval.data_dir": str(eval_data_dir)}).items():
+    section, name = k.split(".")
+    cfg[section][name] = v
+  train_lib.train(cfg, tmp_path / "run")
+  evals = metrics_lib.read_metrics(tmp_path / "run", "eval")
+  assert sorted(evals) == [2, 4]
+  assert {"arc_easy/ar/acc", "arc_easy/prefix/score", "headline/ar"} <= set(evals[4])
+  assert json.loads((tmp_path / "run" / "eval" / "step_4.json").read_text())["step"] == 4
+  assert (tmp_path / "run" / "eval" / "step_4.md").is_file()
