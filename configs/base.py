@@ -58,8 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       span_mask_val=False,     # also the authors' validation loss: BERT-style 10% span masking
       overfit_rel_tol=0.01))   # paper §5.3 flag: held-out loss this far above its best
   # Downstream evaluation (dualjax.evaluate) every `every` steps and at the end; 0 = off.
-  # tasks: comma-separated (empty = all nine); limit: items per task (0 = all).
-  c.eval = ml_collections.ConfigDict(dict(every=0, tasks="", modes="ar,prefix", limit=0,
+  # tasks, modes: comma-separated (empty = all nine tasks; the modes the model's lam supports,
+  # see dualjax.evaluate.supported_modes); limit: items per task (0 = all).
+  c.eval = ml_collections.ConfigDict(dict(every=0, tasks="", modes="", limit=0,
                                           data_dir=""))  # empty = ../shared/eval-data
 
   if arg == "tiny":

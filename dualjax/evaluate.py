@@ -30,6 +30,30 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "eval-data"
 DEFAULT_MODES = ("ar", "prefix", "pll", "mc")
 
 
+def supported_modes(lam: float | None) -> tuple[str, ...]:
+  """The scoring modes a model trained with AR share `lam` supports (None: unknown, all).
+
+  An AR-only model (lam = 1) never saw bidirectional attention, so only 'ar'; an MDM-only model
+  (lam = 0) never saw causal attention, so 'pll' and 'mc'; a dual model supports all four.
+  """
+  if lam is None or 0.0 < lam < 1.0:
+    return DEFAULT_MODES
+  return ("ar",) if lam >= 1.0 else ("pll", "mc")
+
+
+def trained_lam(path: str | os.PathLike) -> float | None:
+  """The AR share of the run a workdir or `<workdir>/checkpoints/N` belongs to, if recorded."""
+  path = pathlib.Path(path)
+  for d in (path, path.parent.parent):
+    f = d / "config.json"
+    if f.is_file():
+      try:
+        return float(json.loads(f.read_text())["objective"]["lam"])
+      except (KeyError, TypeError, ValueError):
+        return None
+  return None
+
+
 def expand_modes(modes: Sequence[str]) -> list[str]:
   """'pll' means both 'pll1' and 'pll6' (the paper reports the better per task)."""
   out: list[str] = []
@@ -214,7 +238,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--tokenizer", help="with --random_init: SentencePiece model file")
   p.add_argument("--init_seed", type=int, default=0)
   p.add_argument("--tasks", default=",".join(tasks_lib.TASKS))
-  p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="ar,prefix,pll,pll1,pll6,mc")
+  p.add_argument("--modes", default=None,
+                 help="ar,prefix,pll,pll1,pll6,mc (default: those the trained model supports: "
+                      "ar for lam=1, pll,mc for lam=0, all four for a dual model)")
   p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR))
   p.add_argument("--limit", type=int, default=None, help="items per task (fixed-seed subsample)")
   p.add_argument("--seed", type=int, default=0, help="subsample seed")
@@ -230,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     task_names = [t for t in args.tasks.split(",") if t]
-    modes = expand_modes([m for m in args.modes.split(",") if m])
+    if args.modes is None:
+      lam = None if args.random_init else trained_lam(args.checkpoint or args.workdir or "")
+      modes = expand_modes(supported_modes(lam))
+    else:
+      modes = expand_modes([m for m in args.modes.split(",") if m])
     if args.limit is not None and args.limit < 1:
       raise UsageError(f"--limit must be ≥ 1, got {args.limit}")
     if args.mc_grid < 1:

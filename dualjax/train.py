@@ -130,11 +130,16 @@ def _check_eval(cfg: ml_collections.ConfigDict) -> None:
   from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
   e = cfg.eval
   try:
-    eval_lib.expand_modes(_csv(e.modes))
+    eval_lib.expand_modes(_eval_modes(cfg))
     eval_lib.load_examples(_csv(e.tasks) or list(eval_lib.tasks_lib.TASKS),
                            e.data_dir or eval_lib.DEFAULT_DATA_DIR, 1, 0)
   except ValueError as err:
     raise ConfigError(f"eval: {err}") from None
+
+
+def _eval_modes(cfg: ml_collections.ConfigDict) -> list[str]:
+  from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+  return _csv(cfg.eval.modes) or list(eval_lib.supported_modes(cfg.objective.lam))
 
 
 def _csv(s: str) -> list[str]:
@@ -369,7 +374,7 @@ def run_eval(cfg, p: Plan, tok, params, step: int, workdir: pathlib.Path, writer
   from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
   e = cfg.eval
   tasks = _csv(e.tasks) or list(eval_lib.tasks_lib.TASKS)
-  results = eval_lib.evaluate(params, p.model_cfg, tok, tasks, _csv(e.modes),
+  results = eval_lib.evaluate(params, p.model_cfg, tok, tasks, _eval_modes(cfg),
                               data_dir=e.data_dir or eval_lib.DEFAULT_DATA_DIR,
                               limit=e.limit or None, mesh=p.mesh, step=step,
                               checkpoint=str(workdir))

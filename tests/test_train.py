@@ -244,13 +244,25 @@ def test_evaluate_cli_reads_a_training_workdir(reference_run, eval_data_dir, tmp
   out = tmp_path / "eval.json"
   r = subprocess.run(
       [sys.executable, "-m", "dualjax.evaluate", f"--workdir={reference_run[0]}",
-       "--tasks=arc_easy,piqa", "--modes=ar", "--limit=6", f"--data_dir={eval_data_dir}",
+       "--tasks=arc_easy,piqa", "--limit=6", f"--data_dir={eval_data_dir}",
        f"--out={out}"], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300,
       check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["step"] == 60 and res["tasks"]["piqa"]["num_examples"] == 6
   assert 0.0 <= res["tasks"]["arc_easy"]["modes"]["ar"]["acc"] <= 1.0
+  # No --modes: those a dual model (lam = 1/2) supports, i.e. all four.
+  assert res["config"]["modes"] == ["ar", "prefix", "pll1", "pll6", "mc"]
+
+
+def test_default_evaluation_modes_follow_the_trained_lambda(reference_run, tmp_path):
+  from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+  assert eval_lib.trained_lam(reference_run[0]) == 0.5
+  assert eval_lib.trained_lam(reference_run[0] / "checkpoints" / "60") == 0.5
+  assert eval_lib.trained_lam(tmp_path) is None
+  assert eval_lib.supported_modes(1.0) == ("ar",)
+  assert eval_lib.supported_modes(0.0) == ("pll", "mc")
+  assert eval_lib.supported_modes(0.5) == eval_lib.supported_modes(None) == ("ar", "prefix", "pll", "mc")
 
 
 def test_periodic_evaluation_during_training(embedded_prepared, eval_data_dir, tmp_path):  # noqa: F811
