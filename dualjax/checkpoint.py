@@ -124,7 +124,7 @@ def load_for_eval(path: str | os.PathLike, step: int | None = None
   cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
   tokenizer = tok_lib.load_tokenizer(workdir / train_lib.TOKENIZER_FILE)
   mesh = mesh_lib.make_mesh(-1, 1, 1)
-  abstract, _, _ = train_lib.abstract_state(cfg, mesh)
+  abstract = train_lib.abstract_state(cfg, mesh)[0]
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps(), reverse=True)

@@ -43,6 +43,10 @@ def _describe_flag_error(e: BaseException, argv: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(__doc__.strip() + "\n\nflags:\n" + flags.FLAGS.module_help(sys.modules[__name__]))
+    print("  --config.SECTION.FIELD=VALUE: override any config field (see configs/base.py)")
+    return 0
   try:
     flags.FLAGS(argv)
     cfg = _CONFIG.value

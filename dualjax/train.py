@@ -228,8 +228,8 @@ def init_state_fn(cfg: ml_collections.ConfigDict, model_cfg: model_lib.ModelConf
 
 
 def abstract_state(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                   ) -> tuple[Any, Any, Callable[[], dict[str, Any]]]:
-  """(abstract state with shardings, state shardings, init fn) for a config on a mesh."""
+                   ) -> tuple[Any, Any, Callable[[], dict[str, Any]], Any]:
+  """(abstract state with shardings, state shardings, init fn, optimizer) for a config."""
   mc = model_config(cfg)
   optimizer = optim.make_optimizer_from_config(cfg.optim, total_steps=cfg.train.steps)
   init_state = init_state_fn(cfg, mc, optimizer)
@@ -238,7 +238,7 @@ def abstract_state(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                                            [tuple(r) for r in cfg.mesh.rules])
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init_state), shardings)
-  return abstract, shardings, init_state
+  return abstract, shardings, init_state, optimizer
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -251,6 +251,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     workdir.mkdir(parents=True, exist_ok=True)
   _sync("dualjax-workdir")
   tok = prepare_data(cfg, p)
+  run_tok = workdir / TOKENIZER_FILE
+  if run_tok.exists() and tok_lib.file_checksum(run_tok) != tok.checksum:
+    raise ConfigError(f"data: the tokenizer of {p.prepared_dir} differs from this run's "
+                      f"{run_tok} (use the run's prepared data or another --workdir)")
   ds = pipeline.make_train_dataset(
       p.prepared_dir, seq_len=d.seq_len, global_batch=d.global_batch, token_budget=p.token_budget,
       repetitions=d.repetitions, seed=cfg.seed, process_index=jax.process_index(),
@@ -266,8 +270,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     if not (workdir / TOKENIZER_FILE).exists():
       shutil.copyfile(tok.path, workdir / TOKENIZER_FILE)
 
-  optimizer = optim.make_optimizer_from_config(cfg.optim, total_steps=cfg.train.steps)
-  abstract, state_shardings, init_state = abstract_state(cfg, p.mesh)
+  abstract, state_shardings, init_state, optimizer = abstract_state(cfg, p.mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                async_save=cfg.checkpoint.async_save)
   overfit = metrics_lib.OverfitDetector(cfg.log.overfit_rel_tol)

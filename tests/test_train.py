@@ -174,9 +174,17 @@ def test_two_processes_train_like_one(embedded_prepared, reference_run, tmp_path
   assert ckpt_lib.Checkpointer(wd, every=5, keep=2).latest_step() == 60
 
 
-def test_bad_starts_fail_in_one_line_and_leave_the_workdir_alone(reference_run, embedded_prepared):  # noqa: F811
+def test_bad_starts_fail_in_one_line_and_leave_the_workdir_alone(
+    reference_run, embedded_prepared, tmp_path):  # noqa: F811
+  from dualjax import prepare as prepare_lib  # pylint: disable=import-outside-toplevel
   wd = reference_run[0]
   before = _tree_digest(wd)
+  other = tmp_path / "other"   # prepared with another tokenizer
+  (tmp_path / "docs.jsonl").write_text("".join(
+      json.dumps({"text": f"document {i}: " + "lorem ipsum dolor " * (i % 7 + 1)}) + "\n"
+      for i in range(300)))
+  prepare_lib.prepare(str(tmp_path / "docs.jsonl"), other, vocab_size=300, num_workers=1,
+                      val_fraction=0.1, verbose=False)
   cases = [
       (["--config.model.d_modle=3"], r"--config\.model\.d_modle: unknown config key"),
       (["--config.train.steps=many"], r"--config\.train\.steps=many"),
@@ -192,6 +200,10 @@ def test_bad_starts_fail_in_one_line_and_leave_the_workdir_alone(reference_run, 
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, (extra, r.stderr[-2000:])
     assert len(lines) == 1 and re.search(pattern, lines[0]), (extra, r.stderr)
+  r = _run(_args(other, wd))
+  assert r.returncode == 2 and re.fullmatch(
+      r"error: data: the tokenizer of \S+ differs from this run's \S+tokenizer.model .*",
+      r.stderr.strip()), r.stderr[-2000:]
   r = _run([f"--config={REPO}/configs/nope.py", f"--workdir={wd}"])
   assert r.returncode == 2 and "nope.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
   assert _tree_digest(wd) == before
