@@ -275,12 +275,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                                async_save=cfg.checkpoint.async_save)
   overfit = metrics_lib.OverfitDetector(cfg.log.overfit_rel_tol)
   restored = ckpt.restore_latest(abstract, it)
+  saved_meta: dict[str, Any] = {}
   if restored is None:
     state = jax.jit(init_state, out_shardings=state_shardings)()
     start = 0
   else:
-    start, state, meta = restored
-    overfit.restore(meta.get("overfit", {}))
+    start, state, saved_meta = restored
+    overfit.restore(saved_meta.get("overfit", {}))
     log.info("resumed from step %d", start)
 
   train_step = jax.jit(
@@ -301,7 +302,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
   preempt = _Preemption()
   meta = {"tokenizer_checksum": tok.checksum, "prepared_dir": str(p.prepared_dir),
           "lam": p.split.lam, "microsteps": p.split.microsteps, "replicas": p.split.replicas}
-  train_window: dict[str, list[float]] = {}
+  # Training losses since the last validation (the overfitting flag compares their mean).
+  train_window: dict[str, list[float]] = saved_meta.get("train_window", {})
   last: dict[str, Any] = {}
   try:
     if cfg.log.val_every and start == 0:  # the untrained baseline, so the curve starts at step 0
@@ -332,15 +334,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         v = validate(cfg, p, eval_fn, state["params"])
         for obj in ("ar", "mdm"):
           window = train_window.pop(f"{obj}_loss", None)
-          if window:
-            v[f"{obj}_overfitting"] = overfit.update(obj, v[f"{obj}_loss"], float(np.mean(window)))
+          if window:  # mean training loss since the previous validation, and the §5.3 flag
+            v[f"{obj}_train_loss"] = float(np.mean(window))
+            v[f"{obj}_overfitting"] = overfit.update(obj, v[f"{obj}_loss"], v[f"{obj}_train_loss"])
         writer.write(done, "val", v)
         if is_main:
           progress.log(f"step {done}: validation " + _fmt(v))
       if cfg.eval.every and (done % cfg.eval.every == 0 or done == steps):
         run_eval(cfg, p, tok, state["params"], done, workdir, writer, progress)
       stop = preempt.requested()
-      meta["overfit"] = overfit.state()
+      meta["overfit"], meta["train_window"] = overfit.state(), train_window
       if ckpt.save(done, state, it.get_state(), meta, force=stop or done == steps):
         log.info("checkpoint at step %d", done)
       if stop:
