@@ -12,12 +12,28 @@ Layouts (see ../shared/eval-data/README.md):
   hellaswag/hellaswag_val_full.txt.bz2 (6 lines per item, already preprocessed).
   mmlu/<subject>_test.csv: no header; question, A, B, C, D, answer letter.
   piqa/valid.jsonl + piqa/valid-labels.lst; siqa/socialIWa_v1.4_dev_wDims.jsonl (`label_ix`).
+
+`load_task(name, "tfds:" + DIR)` instead reads the task from a prepared TFDS dataset (ArrayRecord
+format, read with `as_data_source`, so TensorFlow is not needed) in the TFDS data dir DIR, using the
+feature names and label encodings of TFDS's own builders (see `_TFDS_NAMES`):
+  arc_easy / arc_challenge: ai2_arc/ARC-Easy, ai2_arc/ARC-Challenge, split test.
+  csqa: cos_e, split validation (CoS-E v1.11 dev carries the CSQA v1.11 dev question, choices and
+    answer text; TFDS has no standalone CommonsenseQA builder).
+  hellaswag: hellaswag, split validation (`context` is the original `ctx`; see `_tfds_hellaswag`).
+  openbookqa: openbookqa, split test (TFDS builds it from Data/Additional/test_complete.jsonl).
+  piqa: piqa, split validation.  blimp: every prepared blimp/<paradigm> config, split train.
+  mmlu, siqa: not available (see `_TFDS_UNSUPPORTED`).
+Items come in the prepared dataset's stored order (TFDS shuffles at preparation), except BLiMP,
+which is put in file order (paradigm name, pair_id); so a `limit` subsample picks other items
+than it does from the files. uids are the dataset's own ids where TFDS keeps them (ARC, CSQA, PIQA,
+BLiMP), else "<split>[<stored index>]".
 """
 
 import bz2
 import csv
 import dataclasses
 import json
+import os
 import pathlib
 import re
 from typing import Any, Callable
@@ -268,10 +284,229 @@ def subsample(examples: list[Example], limit: int | None, seed: int = 0) -> list
 
 def load_task(name: str, data_dir: str | pathlib.Path, limit: int | None = None,
               seed: int = 0) -> list[Example]:
-  """Loads task `name` from `data_dir` (the eval-data layout), optionally subsampled."""
+  """Loads task `name` from `data_dir` (the eval-data layout, or "tfds:" + a TFDS data dir),
+  optionally subsampled."""
   if name not in LOADERS:
     raise TaskDataError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
+  if str(data_dir).startswith(TFDS_PREFIX):
+    return subsample(load_tfds_task(name, str(data_dir)[len(TFDS_PREFIX):]), limit, seed)
   return subsample(LOADERS[name](pathlib.Path(data_dir)), limit, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared TFDS datasets.
+
+TFDS_PREFIX = "tfds:"
+
+# task -> (TFDS dataset name [/config], split). BLiMP names the dataset only: every prepared
+# paradigm config under DIR/blimp/ is read. Tests may point these at other names.
+_TFDS_NAMES: dict[str, tuple[str, str]] = {
+    "arc_easy": ("ai2_arc/ARC-Easy", "test"),
+    "arc_challenge": ("ai2_arc/ARC-Challenge", "test"),
+    "blimp": ("blimp", "train"),
+    "csqa": ("cos_e", "validation"),
+    "hellaswag": ("hellaswag", "validation"),
+    "openbookqa": ("openbookqa", "test"),
+    "piqa": ("piqa", "validation"),
+}
+
+_TFDS_UNSUPPORTED = {
+    "mmlu": "TFDS has no MMLU (hendrycks_test) builder",
+    "siqa": ("TFDS has Social IQa only as unifiedqa/social_iqa, which keeps each item as one "
+             "input/output text pair, without separate context, question, answers and label"),
+}
+
+# Features each task reads (dotted: nested FeaturesDict / Sequence of FeaturesDict).
+_TFDS_FIELDS = {
+    "arc": ("id", "question", "choices.text", "choices.label", "answerKey"),
+    "blimp": ("sentence_good", "sentence_bad", "UID", "pair_id"),
+    "csqa": ("id", "question", "choices", "answer"),
+    "hellaswag": ("activity_label", "context", "endings", "label"),
+    "openbookqa": ("question.stem", "question.choice_A", "question.choice_B", "question.choice_C",
+                   "question.choice_D", "answerKey"),
+    "piqa": ("id", "goal", "sol1", "sol2", "label"),
+}
+
+
+def _s(v: Any) -> str:
+  return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _tfds_arc(task: str, uid: str, r: dict[str, Any]) -> Example:
+  """ai2_arc: `choices.label` / `answerKey` are ClassLabel(A-E) (numeric labels mapped to A-E)."""
+  texts = [_s(t) for t in r["choices"]["text"]]
+  labels = [int(x) for x in r["choices"]["label"]]
+  if len(texts) < 2 or len(labels) != len(texts):
+    raise ValueError(f"expected at least 2 choices with one label each, got {len(texts)} texts "
+                     f"and {len(labels)} labels")
+  key = int(r["answerKey"])
+  if key not in labels:
+    raise ValueError(f"answerKey {key} is not one of the choice labels {labels}")
+  return Example(task, "", _s(r["id"]), {"question": _s(r["question"])}, tuple(texts),
+                 labels.index(key))
+
+
+def _tfds_csqa(task: str, uid: str, r: dict[str, Any]) -> Example:
+  """cos_e: `choices` are the CSQA choice texts in label order, `answer` the gold choice's text.
+
+  24 CSQA dev items repeat a choice text; where the answer is one of the repeats (2 items) the gold
+  index is its first occurrence, which scores the same (identical choices tie)."""
+  texts = [_s(t) for t in r["choices"]]
+  answer = _s(r["answer"])
+  if len(texts) < 2:
+    raise ValueError(f"expected at least 2 choices, got {len(texts)}")
+  if answer not in texts:
+    raise ValueError(f"answer {answer!r} is not one of the choices {texts}")
+  return Example(task, "", _s(r["id"]), {"question": _s(r["question"])}, tuple(texts),
+                 texts.index(answer))
+
+
+def _tfds_hellaswag(task: str, uid: str, r: dict[str, Any]) -> Example:
+  """hellaswag: `context` is the original `ctx` (ctx_a + " " + ctx_b), so the query is
+  `activity_label: ctx` with lm-eval's clean-up but without lm-eval's ctx_b.capitalize() (TFDS keeps
+  no ctx_a/ctx_b split) -- as in the preprocessed text file (hellaswag_val_full.txt.bz2)."""
+  endings = [_s(e) for e in r["endings"]]
+  if len(endings) != 4:
+    raise ValueError(f"'endings' should hold 4 strings, got {len(endings)}")
+  gold = int(r["label"])
+  if gold not in (0, 1, 2, 3):
+    raise ValueError(f"'label' should be 0-3, got {gold}")
+  return Example(task, "", uid,
+                 {"query": hellaswag_preprocess(_s(r["activity_label"]) + ": " + _s(r["context"]))},
+                 tuple(hellaswag_preprocess(e) for e in endings), gold)
+
+
+def _tfds_openbookqa(task: str, uid: str, r: dict[str, Any]) -> Example:
+  """openbookqa: `question.choice_A..D` in label order, `answerKey` ClassLabel(A-D)."""
+  q = r["question"]
+  gold = int(r["answerKey"])
+  if gold not in (0, 1, 2, 3):
+    raise ValueError(f"'answerKey' should be 0-3 (A-D), got {gold}")
+  return Example(task, "", uid, {"question": _s(q["stem"])},
+                 tuple(_s(q[f"choice_{c}"]) for c in "ABCD"), gold)
+
+
+def _tfds_piqa(task: str, uid: str, r: dict[str, Any]) -> Example:
+  """piqa: `label` ClassLabel(2), 0 = sol1."""
+  gold = int(r["label"])
+  if gold not in (0, 1):
+    raise ValueError(f"'label' should be 0 or 1, got {gold}")
+  return Example(task, "", _s(r["id"]), {"goal": _s(r["goal"])},
+                 (_s(r["sol1"]), _s(r["sol2"])), gold)
+
+
+def _tfds_blimp(task: str, uid: str, r: dict[str, Any]) -> Example:
+  paradigm = _s(r["UID"])
+  return Example(task, paradigm, f"{paradigm}/{int(r['pair_id'])}", {},
+                 (_s(r["sentence_good"]), _s(r["sentence_bad"])), 0)
+
+
+_TFDS_CONVERT: dict[str, tuple[str, Callable[[str, str, dict[str, Any]], Example]]] = {
+    "arc_easy": ("arc", _tfds_arc), "arc_challenge": ("arc", _tfds_arc),
+    "blimp": ("blimp", _tfds_blimp), "csqa": ("csqa", _tfds_csqa),
+    "hellaswag": ("hellaswag", _tfds_hellaswag), "openbookqa": ("openbookqa", _tfds_openbookqa),
+    "piqa": ("piqa", _tfds_piqa),
+}
+
+
+def _first_line(e: BaseException) -> str:
+  msg = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+def _has_feature(features: Any, dotted: str) -> bool:
+  cur = features
+  for key in dotted.split("."):
+    cur = getattr(cur, "feature", cur)  # A Sequence's element feature.
+    if not hasattr(cur, "keys") or key not in cur.keys():
+      return False
+    cur = cur[key]
+  return True
+
+
+def _read_tfds(task: str, name: str, split: str, tfds_dir: str, fields: tuple[str, ...],
+               convert: Callable[[str, str, dict[str, Any]], Example]) -> list[Example]:
+  """Every item of split `split` of the prepared TFDS dataset `name`, in stored order."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  where = f"task '{task}': TFDS dataset '{name}' in {tfds_dir}"
+  try:
+    builder = tfds.builder(name, data_dir=tfds_dir)
+    info = builder.info
+  except Exception as e:  # pylint: disable=broad-except
+    raise TaskDataError(f"{where}: not found or not prepared ({_first_line(e)})") from None
+  # Checked first: `data_source` on an unprepared dataset would try to download and prepare it.
+  if not os.path.isfile(os.path.join(str(builder.data_dir), "dataset_info.json")):
+    raise TaskDataError(f"{where}: not prepared (no {builder.data_dir}/dataset_info.json)")
+  if split not in info.splits:
+    raise TaskDataError(f"{where}: no split '{split}' (has {', '.join(info.splits.keys())})")
+  missing = [f for f in fields if not _has_feature(info.features, f)]
+  if missing:
+    raise TaskDataError(f"{where}: missing field(s) {', '.join(missing)} (has "
+                        f"{', '.join(info.features.keys())})")
+  try:
+    ds = builder.as_data_source(split=split)
+    n = len(ds)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TaskDataError(f"{where}: split '{split}' is unreadable ({_first_line(e)}; prepare it "
+                        "with file_format='array_record')") from None
+  if n == 0:
+    raise TaskDataError(f"{where}: split '{split}' is empty")
+  out = []
+  for start in range(0, n, 1024):
+    idx = list(range(start, min(n, start + 1024)))
+    try:
+      rows = ds.__getitems__(idx) if hasattr(ds, "__getitems__") else [ds[i] for i in idx]
+    except Exception as e:  # pylint: disable=broad-except
+      raise TaskDataError(f"{where}[{split}][{start}:{idx[-1] + 1}]: unreadable "
+                          f"({_first_line(e)})") from None
+    for i, r in zip(idx, rows):
+      try:
+        out.append(convert(task, f"{split}[{i}]", r))
+      except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise TaskDataError(f"{where}[{split}][{i}]: {_first_line(e)}") from None
+  return out
+
+
+def _blimp_configs(tfds_dir: str, name: str) -> list[str]:
+  """The paradigm configs prepared under `tfds_dir/name/` (some version dir has dataset_info)."""
+  root = pathlib.Path(tfds_dir) / name
+  if not root.is_dir():
+    return []
+  return sorted((c.name for c in root.iterdir()
+                 if c.is_dir() and not c.name.startswith(".")
+                 and any((v / "dataset_info.json").is_file() for v in c.iterdir() if v.is_dir())),
+                key=lambda c: c + ".jsonl")  # The file loader's order (sorted file names).
+
+
+def load_tfds_task(task: str, tfds_dir: str) -> list[Example]:
+  """Task `task` from the prepared TFDS datasets in the TFDS data dir `tfds_dir` (see top)."""
+  if task not in LOADERS:
+    raise TaskDataError(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+  if task in _TFDS_UNSUPPORTED:
+    raise TaskDataError(f"task '{task}' cannot be read from TFDS dir {tfds_dir}: "
+                        f"{_TFDS_UNSUPPORTED[task]}; use the eval-data files instead")
+  if not tfds_dir:
+    raise TaskDataError(f"task '{task}': '{TFDS_PREFIX}' needs a TFDS data dir path after it "
+                        f"(e.g. {TFDS_PREFIX}/data/tensorflow_datasets)")
+  try:
+    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise TaskDataError(f"task '{task}': reading {TFDS_PREFIX}{tfds_dir} needs tensorflow_datasets "
+                        f"({_first_line(e)})") from None
+  name, split = _TFDS_NAMES[task]
+  kind, convert = _TFDS_CONVERT[task]
+  if task != "blimp":
+    return _read_tfds(task, name, split, tfds_dir, _TFDS_FIELDS[kind], convert)
+  configs = _blimp_configs(tfds_dir, name)
+  if not configs:
+    raise TaskDataError(f"task 'blimp': TFDS dataset '{name}' in {tfds_dir}: no prepared paradigm "
+                        f"configs (expected {pathlib.Path(tfds_dir) / name}/<paradigm>/<version>/)")
+  out = []
+  for c in configs:
+    part = _read_tfds(task, f"{name}/{c}", split, tfds_dir, _TFDS_FIELDS[kind], convert)
+    out.extend(sorted(part, key=lambda e: int(e.uid.rsplit("/", 1)[1])))  # File (pairID) order.
+  return out
 
 
 def random_baseline(task: str, examples: list[Example]) -> float:
