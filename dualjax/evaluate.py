@@ -241,7 +241,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--modes", default=None,
                  help="ar,prefix,pll,pll1,pll6,mc (default: those the trained model supports: "
                       "ar for lam=1, pll,mc for lam=0, all four for a dual model)")
-  p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR))
+  p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
+                 help="the task files (eval-data layout), or tfds:DIR for prepared TFDS datasets "
+                      "(all tasks but mmlu and siqa, which TFDS lacks: pass --tasks without them)")
   p.add_argument("--limit", type=int, default=None, help="items per task (fixed-seed subsample)")
   p.add_argument("--seed", type=int, default=0, help="subsample seed")
   p.add_argument("--mc_grid", type=int, default=32, help="grid points of t for mode mc")
