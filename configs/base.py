@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # replica axis (x gradient-accumulation microsteps) is split into AR and MDM cells.
   c.mesh = ml_collections.ConfigDict(dict(
       replica=-1, fsdp=1, tensor=1,
-      microsteps=0,  # 0 = the fewest that represent lam exactly and divide the batch
+      microsteps=0,  # 0 = the fewest that represent lam exactly, divide the batch and fit below
+      max_device_rows=8,  # rows per device per microstep (memory bound; 0 = none), 470M @ 2048
       # Logical axis -> mesh axis (dualjax/sharding.py): FSDP over hidden dims, tensor over the rest.
       rules=(("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor")),
   ))
@@ -80,6 +81,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.train.steps = 300
   c.checkpoint.every = 50
   c.log.update(dict(every=10, val_every=50, val_batches=4))
+  c.mesh.max_device_rows = 0
 
 
 def paper_lam(repetitions: int) -> float:

@@ -82,10 +82,11 @@ def _nearest(lam: float, cells: int) -> str:
 
 
 def make_split(lam: float, global_batch: int, replicas: int, microsteps: int = 0,
-               max_microsteps: int = 1024) -> Split:
+               max_microsteps: int = 1024, max_cell_rows: int = 0) -> Split:
   """Checks that `lam` is representable and returns the split.
 
-  microsteps = 0 picks the fewest microsteps that represent lam exactly and divide the batch.
+  microsteps = 0 picks the fewest microsteps that represent lam exactly, divide the batch and,
+  if `max_cell_rows` > 0, leave at most that many rows per cell (a memory bound).
   Errors name `objective.lam`, `mesh.microsteps` or `data.global_batch` and, for lam, the nearest
   representable values.
   """
@@ -95,25 +96,34 @@ def make_split(lam: float, global_batch: int, replicas: int, microsteps: int = 0
     raise ConfigError(
         f"data.global_batch={global_batch} is not divisible by the {replicas} replicas")
   frac = fractions.Fraction(lam).limit_denominator(1 << 20)
+
+  def fits(m: int) -> bool:
+    return not max_cell_rows or global_batch // (replicas * m) <= max_cell_rows
+
   if microsteps == 0:
     for m in range(1, max_microsteps + 1):
       if global_batch % (replicas * m) == 0 and (frac * replicas * m).denominator == 1 \
-          and abs(float(frac) - lam) < 1e-9:
+          and abs(float(frac) - lam) < 1e-9 and fits(m):
         microsteps = m
         break
     else:
       # Report against the largest cell count the batch allows.
       cells = max(replicas * m for m in range(1, max_microsteps + 1)
                   if global_batch % (replicas * m) == 0)
+      bound = f" and at most {max_cell_rows} rows per cell" if max_cell_rows else ""
       raise ConfigError(
           f"objective.lam={lam} is not representable with {replicas} replicas and a batch of "
-          f"{global_batch} rows; nearest: {_nearest(lam, cells)}")
+          f"{global_batch} rows{bound}; nearest: {_nearest(lam, cells)}")
   if microsteps < 1:
     raise ConfigError(f"mesh.microsteps must be >= 0, got {microsteps}")
   cells = replicas * microsteps
   if global_batch % cells:
     raise ConfigError(
         f"data.global_batch={global_batch} is not divisible by replicas*microsteps={cells}")
+  if not fits(microsteps):
+    raise ConfigError(
+        f"mesh.microsteps={microsteps} leaves {global_batch // cells} rows per cell, more than "
+        f"the {max_cell_rows} allowed by mesh.max_device_rows")
   n_ar = lam * cells
   if abs(n_ar - round(n_ar)) > 1e-9:
     raise ConfigError(

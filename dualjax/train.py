@@ -105,7 +105,10 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
                       f"{jax.process_count()} processes")
   m = cfg.mesh
   mesh = mesh_lib.make_mesh(m.replica, m.fsdp, m.tensor)
-  split = mesh_lib.make_split(o.lam, d.global_batch, mesh.shape["replica"], m.microsteps)
+  if m.max_device_rows < 0:
+    raise ConfigError(f"mesh.max_device_rows must be >= 0, got {m.max_device_rows}")
+  split = mesh_lib.make_split(o.lam, d.global_batch, mesh.shape["replica"], m.microsteps,
+                              max_cell_rows=m.max_device_rows * mesh.shape["fsdp"])
   if d.global_batch % (split.cells * mesh.shape["fsdp"]):
     raise ConfigError(
         f"data.global_batch={d.global_batch} must be divisible by replicas x microsteps x fsdp = "

@@ -2,6 +2,7 @@ import jax
 import pytest
 
 from dualjax import mesh as mesh_lib
+from dualjax.mesh import ConfigError
 
 
 def test_mesh_shape_resolves_minus_one():
@@ -43,3 +44,14 @@ def test_unrepresentable_lam_names_nearest():
     mesh_lib.make_split(1.5, 16, 1)
   with pytest.raises(mesh_lib.ConfigError, match="data.global_batch=10"):
     mesh_lib.make_split(0.5, 10, 4)
+
+
+def test_max_cell_rows_adds_microsteps_for_memory():
+  s = mesh_lib.make_split(0.5, global_batch=64, replicas=4, max_cell_rows=4)
+  assert (s.microsteps, s.n_ar, s.cells) == (4, 8, 16)     # 64 / (4 * 4) = 4 rows per cell
+  s = mesh_lib.make_split(15 / 16, global_batch=2048, replicas=8, max_cell_rows=8)
+  assert s.microsteps == 32 and 2048 // s.cells == 8 and s.lam == 15 / 16
+  with pytest.raises(ConfigError, match=r"mesh.microsteps=2 leaves 8 rows per cell, more than the 4"):
+    mesh_lib.make_split(0.5, global_batch=64, replicas=4, microsteps=2, max_cell_rows=4)
+  with pytest.raises(ConfigError, match=r"and at most 1 rows per cell; nearest"):
+    mesh_lib.make_split(0.3, global_batch=16, replicas=4, max_cell_rows=1)
