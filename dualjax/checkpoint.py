@@ -102,6 +102,14 @@ class Checkpointer:
     self.manager.close()
 
 
+def split_run_path(path: str | os.PathLike) -> tuple[pathlib.Path, int | None]:
+  """(workdir, step) for a training workdir (step None) or one of its `checkpoints/N` dirs."""
+  path = pathlib.Path(path)
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    return path.parent.parent, int(path.name)
+  return path, None
+
+
 def load_for_eval(path: str | os.PathLike, step: int | None = None
                   ) -> tuple[Any, Any, Any, int]:
   """(params, model_cfg, tokenizer, step) from a training workdir or one of its step directories.
@@ -113,11 +121,8 @@ def load_for_eval(path: str | os.PathLike, step: int | None = None
   from dualjax import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from dualjax import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
   from dualjax import train as train_lib  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(path)
-  if path.name.isdigit() and path.parent.name == "checkpoints":
-    workdir, step = path.parent.parent, int(path.name)
-  else:
-    workdir = path
+  workdir, step_of_path = split_run_path(path)
+  step = step_of_path if step_of_path is not None else step
   config_file = workdir / "config.json"
   if not config_file.is_file():
     raise ValueError(f"{path}: not a training workdir or checkpoint (no {config_file})")

@@ -43,15 +43,12 @@ def supported_modes(lam: float | None) -> tuple[str, ...]:
 
 def trained_lam(path: str | os.PathLike) -> float | None:
   """The AR share of the run a workdir or `<workdir>/checkpoints/N` belongs to, if recorded."""
-  path = pathlib.Path(path)
-  for d in (path, path.parent.parent):
-    f = d / "config.json"
-    if f.is_file():
-      try:
-        return float(json.loads(f.read_text())["objective"]["lam"])
-      except (KeyError, TypeError, ValueError):
-        return None
-  return None
+  from dualjax.checkpoint import split_run_path  # pylint: disable=import-outside-toplevel
+  f = split_run_path(path)[0] / "config.json"
+  try:
+    return float(json.loads(f.read_text())["objective"]["lam"])
+  except (OSError, KeyError, TypeError, ValueError):
+    return None
 
 
 def expand_modes(modes: Sequence[str]) -> list[str]:

@@ -58,6 +58,8 @@ def main(argv: list[str]) -> int:
     _fail("--config is required, e.g. --config=configs/rep128.py:tiny")
   if not _WORKDIR.value:
     _fail("--workdir is required")
+  if _COORDINATOR.value and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
+    _fail("--coordinator_address needs --num_processes and --process_id")
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("dualjax").setLevel(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top
