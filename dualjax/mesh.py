@@ -82,11 +82,14 @@ def _nearest(lam: float, cells: int) -> str:
 
 
 def make_split(lam: float, global_batch: int, replicas: int, microsteps: int = 0,
-               max_microsteps: int = 1024, max_cell_rows: int = 0) -> Split:
+               max_microsteps: int = 1024, max_cell_rows: int = 0,
+               whole_microsteps: bool = False) -> Split:
   """Checks that `lam` is representable and returns the split.
 
   microsteps = 0 picks the fewest microsteps that represent lam exactly, divide the batch and,
-  if `max_cell_rows` > 0, leave at most that many rows per cell (a memory bound).
+  if `max_cell_rows` > 0, leave at most that many rows per cell (a memory bound). With
+  `whole_microsteps` every microstep runs one objective on all devices (lam * microsteps is an
+  integer): needed where replicas may not branch differently (tensor-parallel meshes).
   Errors name `objective.lam`, `mesh.microsteps` or `data.global_batch` and, for lam, the nearest
   representable values.
   """
@@ -100,17 +103,22 @@ def make_split(lam: float, global_batch: int, replicas: int, microsteps: int = 0
   def fits(m: int) -> bool:
     return not max_cell_rows or global_batch // (replicas * m) <= max_cell_rows
 
+  def whole(m: int) -> bool:  # every microstep one objective: lam * microsteps is an integer
+    return not whole_microsteps or (frac * m).denominator == 1
+
   if microsteps == 0:
     for m in range(1, max_microsteps + 1):
       if global_batch % (replicas * m) == 0 and (frac * replicas * m).denominator == 1 \
-          and abs(float(frac) - lam) < 1e-9 and fits(m):
+          and abs(float(frac) - lam) < 1e-9 and fits(m) and whole(m):
         microsteps = m
         break
     else:
-      # Report against the largest cell count the batch allows.
-      cells = max(replicas * m for m in range(1, max_microsteps + 1)
+      # Report against the finest granularity the batch allows (microsteps only, when whole).
+      cells = max(m * (1 if whole_microsteps else replicas) for m in range(1, max_microsteps + 1)
                   if global_batch % (replicas * m) == 0)
       bound = f" and at most {max_cell_rows} rows per cell" if max_cell_rows else ""
+      if whole_microsteps:
+        bound += " and one objective per microstep (mesh.tensor > 1)"
       raise ConfigError(
           f"objective.lam={lam} is not representable with {replicas} replicas and a batch of "
           f"{global_batch} rows{bound}; nearest: {_nearest(lam, cells)}")
@@ -129,4 +137,8 @@ def make_split(lam: float, global_batch: int, replicas: int, microsteps: int = 0
     raise ConfigError(
         f"objective.lam={lam} is not representable with {replicas} replicas x {microsteps} "
         f"microsteps; nearest: {_nearest(lam, cells)}")
+  if whole_microsteps and not whole(microsteps):
+    raise ConfigError(
+        f"objective.lam={lam} x mesh.microsteps={microsteps} is not an integer: with mesh.tensor > 1 "
+        f"each microstep must run one objective (set mesh.microsteps=0 to pick one)")
   return Split(replicas=replicas, microsteps=microsteps, n_ar=int(round(n_ar)))

@@ -47,16 +47,23 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.A
 
 
 def ar_loss(params: Any, batch: Batch, *, cfg: model_lib.ModelConfig,
-            z_loss: float = 1e-4) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Causal next-token loss: mean CE over scorable targets + z_loss * mean lse^2."""
+            z_loss: float = 1e-4, num_cells: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal next-token loss: mean CE over scorable targets + z_loss * mean lse^2.
+
+  With `num_cells` > 1 the rows form that many equal consecutive cells; the loss is the mean over
+  cells of each cell's own loss (what separate devices would average).
+  """
   inputs_BxL, seg_BxL, targets_BxL, scorable_BxL = split_batch(batch)
   logits_BxLxV = model_lib.apply(params, inputs_BxL, seg_BxL, cfg=cfg, mode="causal")
   ce_BxL, lse_BxL = token_losses(logits_BxLxV, targets_BxL)
-  w_BxL = scorable_BxL.astype(jnp.float32)
-  n = jnp.maximum(w_BxL.sum(), 1.0)
-  ce = (w_BxL * ce_BxL).sum() / n
-  z = z_loss * (w_BxL * lse_BxL ** 2).sum() / n
-  return ce + z, {"ce": ce, "z_loss": z, "num_scored": w_BxL.sum()}
+  B, L = targets_BxL.shape
+  if B % num_cells:
+    raise ValueError(f"{B} rows do not split into num_cells={num_cells} equal cells")
+  w_CxN = scorable_BxL.astype(jnp.float32).reshape(num_cells, -1)
+  n_C = jnp.maximum(w_CxN.sum(axis=1), 1.0)
+  ce = ((w_CxN * ce_BxL.reshape(num_cells, -1)).sum(axis=1) / n_C).mean()
+  z = z_loss * ((w_CxN * lse_BxL.reshape(num_cells, -1) ** 2).sum(axis=1) / n_C).mean()
+  return ce + z, {"ce": ce, "z_loss": z, "num_scored": w_CxN.sum()}
 
 
 def mdm_corrupt_from_uniforms(inputs_BxL: jax.Array, scorable_BxL: jax.Array, t_B: jax.Array,
@@ -86,11 +93,24 @@ def mdm_corrupt_from_uniforms(inputs_BxL: jax.Array, scorable_BxL: jax.Array, t_
 
 def mdm_corrupt(key: jax.Array, inputs_BxL: jax.Array, scorable_BxL: jax.Array
                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """`mdm_corrupt_from_uniforms` with t, u ~ U(0,1) per row and r ~ U(0,1) per position."""
+  """`mdm_corrupt_from_uniforms` with t, u ~ U(0,1) per row and r ~ U(0,1) per position.
+
+  `key` is one key, or keys[C] for C equal consecutive cells of rows, each cell drawing its noise
+  from its own key exactly as it would alone.
+  """
   B, L = inputs_BxL.shape
-  kt, ku, kr = jax.random.split(key, 3)
-  return mdm_corrupt_from_uniforms(inputs_BxL, scorable_BxL, jax.random.uniform(kt, (B,)),
-                                   jax.random.uniform(ku, (B,)), jax.random.uniform(kr, (B, L)))
+  keys_C = key.reshape(-1)
+  C = keys_C.shape[0]
+  if B % C:
+    raise ValueError(f"{B} rows do not split into {C} equal cells (one per key)")
+
+  def draw(k):
+    kt, ku, kr = jax.random.split(k, 3)
+    return (jax.random.uniform(kt, (B // C,)), jax.random.uniform(ku, (B // C,)),
+            jax.random.uniform(kr, (B // C, L)))
+  t_CxN, u_CxN, r_CxNxL = jax.vmap(draw)(keys_C)
+  return mdm_corrupt_from_uniforms(inputs_BxL, scorable_BxL, t_CxN.reshape(B), u_CxN.reshape(B),
+                                   r_CxNxL.reshape(B, L))
 
 
 def mdm_loss_from_corruption(params: Any, batch: Batch, masked_inputs_BxL: jax.Array,
@@ -108,7 +128,11 @@ def mdm_loss_from_corruption(params: Any, batch: Batch, masked_inputs_BxL: jax.A
 
 def mdm_loss(params: Any, batch: Batch, key: jax.Array, *, cfg: model_lib.ModelConfig,
              z_loss: float = 1e-4) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Masked-diffusion NELBO estimate with noise from `key` (bidirectional attention)."""
+  """Masked-diffusion NELBO estimate with noise from `key` (bidirectional attention).
+
+  `key` may be keys[C]: C equal cells of rows with their own noise (see `mdm_corrupt`); the
+  loss, normalised by B*L, is then the mean of the cells' losses.
+  """
   inputs_BxL, _, _, scorable_BxL = split_batch(batch)
   masked_BxL, w_BxL, aux = mdm_corrupt(key, inputs_BxL, scorable_BxL)
   loss, metrics = mdm_loss_from_corruption(params, batch, masked_BxL, w_BxL, cfg=cfg,

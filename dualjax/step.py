@@ -1,15 +1,15 @@
 """The dual training step: one jitted SPMD program, objectives split over mesh cells (DESIGN.md §4).
 
-Inside a partial-manual `shard_map` over 'replica' every replica takes its rows of the global
-batch, cuts them into `microsteps` microbatches and, for each (microstep, replica) cell, runs the
-AR or the MDM objective (chosen with `lax.cond` on the cell index, or statically when lam is 0 or
-1). Gradients are averaged over microsteps, then over replicas with one `pmean`; 'fsdp' and
-'tensor' stay automatic axes, so parameters keep their sharding inside the body. The mean over
-cells of the per-cell losses is
+The global batch is cut into cells = replicas x microsteps (`dualjax.mesh.Split`); each cell runs
+the AR or the MDM objective with its own noise key fold_in(step_key, cell). Gradients are the
+mean over cells, so the step's loss is
 
   lam * ar_loss_scale * mean_{AR cells} L_AR + (1 - lam) * mean_{MDM cells} L_MDM,
 
 i.e. the dual loss with L_AR and L_MDM averaged over their own cells, as in the authors' DDP code.
+Two programs compute exactly these cells (see `make_grad_fn`): whole single-objective microsteps
+as plain SPMD, or the paper's device split inside a partial-manual `shard_map` over 'replica'
+with `lax.cond` on the cell index. lam in {0, 1} compiles without any conditional.
 """
 
 from typing import Any, Callable
@@ -41,59 +41,84 @@ def cell_rows(batch: Batch, microsteps: int) -> Batch:
 def make_grad_fn(model_cfg: model_lib.ModelConfig, split: Split, mesh: Mesh, *,
                  ar_loss_scale: float, z_loss: float
                  ) -> Callable[[Params, Batch, jax.Array], tuple[Params, dict[str, jax.Array]]]:
-  """Returns `grad_fn(params, batch, key) -> (grads, metrics)` for one optimizer step."""
+  """Returns `grad_fn(params, batch, key) -> (grads, metrics)` for one optimizer step.
+
+  Two programs compute the same cells (rows, noise keys, per-cell losses):
+    whole microsteps (n_ar divisible by replicas, e.g. lam in {0, 1}): every microstep is one
+      objective for all devices; a plain SPMD program, any mesh (fsdp, tensor);
+    device split (otherwise): replicas run different objectives in the same microstep inside a
+      partial-manual shard_map over 'replica' (the paper's sub-meshes); tensor = 1 (see plan()).
+  """
   R, M, n_ar = split.replicas, split.microsteps, split.n_ar
   if mesh.shape["replica"] != R:
     raise ValueError(f"split has {R} replicas but the mesh's replica axis is {mesh.shape['replica']}")
+  n_mdm = split.cells - n_ar
 
-  def ar(params, rows, key):
-    del key
-    loss, _ = objectives.ar_loss(params, rows, cfg=model_cfg, z_loss=z_loss)
+  def ar(params, rows, keys_R):  # keys only give the number of cells in `rows`
+    loss, _ = objectives.ar_loss(params, rows, cfg=model_cfg, z_loss=z_loss,
+                                 num_cells=keys_R.shape[0])
     return ar_loss_scale * loss, loss
 
-  def mdm(params, rows, key):
-    loss, _ = objectives.mdm_loss(params, rows, key, cfg=model_cfg, z_loss=z_loss)
+  def mdm(params, rows, keys_R):
+    loss, _ = objectives.mdm_loss(params, rows, keys_R, cfg=model_cfg, z_loss=z_loss)
     return loss, loss
 
   ar_vg = jax.value_and_grad(ar, has_aux=True)
   mdm_vg = jax.value_and_grad(mdm, has_aux=True)
 
-  def body(params, batch, key):
-    replica = lax.axis_index("replica")
-    micro = cell_rows(batch, M)
-
-    def one_cell(acc, inp):
+  def accumulate(params, micro, cell_keys, n_ar_micro, replicas_here):
+    """Scans microsteps; microstep m runs AR iff m < n_ar_micro (per this program's cells)."""
+    def one(acc, inp):
       grads_acc, ar_sum, mdm_sum = acc
       m, rows = inp
-      cell = m * R + replica
-      cell_key = jax.random.fold_in(key, cell)
-      if n_ar == split.cells:
-        (_, raw), grads = ar_vg(params, rows, cell_key)
-      elif n_ar == 0:
-        (_, raw), grads = mdm_vg(params, rows, cell_key)
+      keys_R = cell_keys(m)
+      if n_ar_micro is None:  # device split: the cell index decides, per replica
+        is_ar = m * R + lax.axis_index("replica") < n_ar
+        (_, raw), grads = lax.cond(is_ar, ar_vg, mdm_vg, params, rows, keys_R)
+      elif n_ar_micro == M:
+        is_ar, ((_, raw), grads) = True, ar_vg(params, rows, keys_R)
+      elif n_ar_micro == 0:
+        is_ar, ((_, raw), grads) = False, mdm_vg(params, rows, keys_R)
       else:
-        (_, raw), grads = lax.cond(cell < n_ar, ar_vg, mdm_vg, params, rows, cell_key)
-      is_ar = cell < n_ar
+        is_ar = m < n_ar_micro
+        (_, raw), grads = lax.cond(is_ar, ar_vg, mdm_vg, params, rows, keys_R)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      raw = raw * replicas_here  # sums over this program's cells
       return (grads_acc, ar_sum + jnp.where(is_ar, raw, 0.0),
               mdm_sum + jnp.where(is_ar, 0.0, raw)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, ar_sum, mdm_sum), _ = lax.scan(one_cell, init, (jnp.arange(M), micro))
-    grads = jax.tree.map(lambda g: g / M, grads)
-    grads = lax.pmean(grads, "replica")
-    ar_sum, mdm_sum = lax.psum((ar_sum, mdm_sum), "replica")
-    n_mdm = split.cells - n_ar
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32))
+    (grads, ar_sum, mdm_sum), _ = lax.scan(one, init, (jnp.arange(M), micro))
+    return jax.tree.map(lambda g: g / M, grads), ar_sum, mdm_sum
+
+  def metrics_of(ar_sum, mdm_sum):
     ar_loss = ar_sum / max(n_ar, 1)
     mdm_loss = mdm_sum / max(n_mdm, 1)
-    loss = (n_ar * ar_loss_scale * ar_loss + n_mdm * mdm_loss) / split.cells
-    metrics = {"loss": loss}
+    metrics = {"loss": (n_ar * ar_loss_scale * ar_loss + n_mdm * mdm_loss) / split.cells}
     if n_ar:
       metrics["ar_loss"] = ar_loss
     if n_mdm:
       metrics["mdm_loss"] = mdm_loss
-    return grads, metrics
+    return metrics
+
+  if n_ar % R == 0:
+    def whole(params, batch, key):
+      def cell_keys(m):
+        return jax.vmap(lambda c: jax.random.fold_in(key, c))(m * R + jnp.arange(R))
+      grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, M), cell_keys, n_ar // R, R)
+      return grads, metrics_of(ar_sum, mdm_sum)
+    return whole
+
+  def body(params, batch, key):
+    replica = lax.axis_index("replica")
+
+    def cell_keys(m):
+      return jax.random.fold_in(key, m * R + replica)[None]
+    grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, M), cell_keys, None, 1)
+    grads = lax.pmean(grads, "replica")
+    ar_sum, mdm_sum = lax.psum((ar_sum, mdm_sum), "replica")
+    return grads, metrics_of(ar_sum, mdm_sum)
 
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P("replica"), P()),
                        out_specs=(P(), P()), axis_names={"replica"}, check_vma=False)

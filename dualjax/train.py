@@ -107,8 +107,11 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
   mesh = mesh_lib.make_mesh(m.replica, m.fsdp, m.tensor)
   if m.max_device_rows < 0:
     raise ConfigError(f"mesh.max_device_rows must be >= 0, got {m.max_device_rows}")
+  # Tensor-parallel collectives inside replica-dependent branches deadlock or fail to partition
+  # (XLA, jax 0.10): with tensor > 1 every microstep runs one objective on all devices.
   split = mesh_lib.make_split(o.lam, d.global_batch, mesh.shape["replica"], m.microsteps,
-                              max_cell_rows=m.max_device_rows * mesh.shape["fsdp"])
+                              max_cell_rows=m.max_device_rows * mesh.shape["fsdp"],
+                              whole_microsteps=mesh.shape["tensor"] > 1)
   if d.global_batch % (split.cells * mesh.shape["fsdp"]):
     raise ConfigError(
         f"data.global_batch={d.global_batch} must be divisible by replicas x microsteps x fsdp = "

@@ -55,3 +55,13 @@ def test_max_cell_rows_adds_microsteps_for_memory():
     mesh_lib.make_split(0.5, global_batch=64, replicas=4, microsteps=2, max_cell_rows=4)
   with pytest.raises(ConfigError, match=r"and at most 1 rows per cell; nearest"):
     mesh_lib.make_split(0.3, global_batch=16, replicas=4, max_cell_rows=1)
+
+
+def test_whole_microsteps_for_tensor_parallel_meshes():
+  s = mesh_lib.make_split(0.5, global_batch=16, replicas=2, whole_microsteps=True)
+  assert (s.microsteps, s.n_ar) == (2, 2) and s.n_ar % s.replicas == 0
+  assert mesh_lib.make_split(0.5, 16, 2).microsteps == 1       # the device split needs none
+  with pytest.raises(ConfigError, match=r"one objective per microstep .*nearest: 7/8 = 0.875 or 8/8 = 1"):
+    mesh_lib.make_split(15 / 16, global_batch=16, replicas=2, whole_microsteps=True)
+  with pytest.raises(ConfigError, match=r"lam=0.5 x mesh.microsteps=1 is not an integer"):
+    mesh_lib.make_split(0.5, 16, 2, microsteps=1, whole_microsteps=True)

@@ -234,3 +234,19 @@ def test_span_mask_loss_matches_numpy():
   ce, _ = _np_ce_lse(logits, batch["tokens"][:, 1:])
   assert metrics["num_scored"] == scored.sum()
   np.testing.assert_allclose(loss, ce[scored].mean(), rtol=1e-5)
+
+
+def test_cells_equal_the_mean_of_separate_cells():
+  """num_cells / keys[C]: the loss is the mean of each cell's loss computed alone (own noise)."""
+  params, batch = _params(), _batch()
+  halves = [{k: v[i * 2:(i + 1) * 2] for k, v in batch.items()} for i in range(2)]
+  keys = jax.random.split(jax.random.key(7), 2)
+  with jax.default_matmul_precision("highest"):
+    ar, _ = objectives.ar_loss(params, batch, cfg=CFG, num_cells=2)
+    ar_each = [objectives.ar_loss(params, h, cfg=CFG)[0] for h in halves]
+    mdm, _ = objectives.mdm_loss(params, batch, keys, cfg=CFG)
+    mdm_each = [objectives.mdm_loss(params, h, k, cfg=CFG)[0] for h, k in zip(halves, keys)]
+  np.testing.assert_allclose(ar, np.mean(ar_each), rtol=1e-6)
+  np.testing.assert_allclose(mdm, np.mean(mdm_each), rtol=1e-6)
+  with pytest.raises(ValueError, match="num_cells=3"):
+    objectives.ar_loss(params, batch, cfg=CFG, num_cells=3)

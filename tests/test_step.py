@@ -8,7 +8,9 @@ import pytest
 from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import objectives
+from dualjax import sharding
 from dualjax import step as step_lib
+from dualjax import train
 
 CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
                             mlp_dim=48, max_seq_len=32, compute_dtype="float32",
@@ -57,17 +59,26 @@ def _reference_grads(params, batch, key, split: mesh_lib.Split):
   return jax.tree.map(lambda a, b: lam * SCALE * a + (1 - lam) * b, g_ar, g_mdm), l_ar(params), l_mdm(params)
 
 
-@pytest.mark.parametrize("mesh_shape,lam,rows", [((1, 1, 1), 0.25, 8), ((4, 2, 1), 0.375, 16)])
-def test_dual_gradient_matches_separate_objectives(mesh_shape, lam, rows):
+@pytest.mark.parametrize("mesh_shape,lam,rows,device_split", [
+    ((1, 1, 1), 0.25, 8, False),   # one device: 4 microsteps, 1 AR
+    ((4, 2, 1), 0.375, 16, True),  # replicas branch differently inside a microstep
+    ((2, 2, 2), 0.5, 16, False),   # tensor parallel: whole microsteps, fsdp x tensor params
+    ((1, 8, 1), 0.5, 16, False),   # pure FSDP
+])
+def test_dual_gradient_matches_separate_objectives(mesh_shape, lam, rows, device_split):
   n = int(np.prod(mesh_shape))
   mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:n])
-  split = mesh_lib.make_split(lam, rows, mesh.shape["replica"])
+  split = mesh_lib.make_split(lam, rows, mesh.shape["replica"],
+                              whole_microsteps=mesh.shape["tensor"] > 1)
   assert 0 < split.n_ar < split.cells
+  assert (split.n_ar % split.replicas != 0) == device_split
+  # Parameters and rows sharded as the trainer shards them.
   params = model_lib.init(CFG, jax.random.key(0))
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
   batch = _batch(rows)
   key = jax.random.key(7)
   grad_fn = jax.jit(step_lib.make_grad_fn(CFG, split, mesh, ar_loss_scale=SCALE, z_loss=1e-4))
-  batch_j = {k: jnp.asarray(v) for k, v in batch.items()}
+  batch_j = train.to_global(batch, mesh)
   grads, metrics = grad_fn(params, batch_j, key)
   want, l_ar, l_mdm = _reference_grads(params, batch, key, split)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
