@@ -8,6 +8,7 @@ A latest checkpoint that fails to restore is moved to `<workdir>/corrupt/` with 
 previous one is used; partially written (uncommitted) checkpoints are never listed by Orbax.
 """
 
+import copy
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,34 @@ class _IteratorState:
     pass
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of the workdir can be restored by this run (one line, names the directory)."""
+
+
+def _describe(e: BaseException) -> str:
+  first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: {first}"[:300]
+
+
+def processes_agree(ok: bool) -> bool:
+  """True iff `ok` on every process (a collective: all processes call it in the same order)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
   """`ocp.CheckpointManager` over `<workdir>/checkpoints` with fallback past corrupt checkpoints."""
 
   def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
     self.workdir = pathlib.Path(workdir)
     self.directory = self.workdir / "checkpoints"
+    policies = ocp.checkpoint_managers  # every `every` steps and on preemption; no initial save
     self.options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()]))
     self.manager = ocp.CheckpointManager(self.directory.absolute(), options=self.options)
 
   def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any],
@@ -61,24 +82,53 @@ class Checkpointer:
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(_IteratorState(state=data_state)),
-        meta=ocp.args.JsonSave(meta))
+        meta=ocp.args.JsonSave(copy.deepcopy(meta)))  # written later by the async thread
     return self.manager.save(step, args=args, force=force)
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any
                      ) -> tuple[int, Any, dict[str, Any]] | None:
-    """Restores the newest readable checkpoint (state, iterator position, meta) or None."""
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    """Restores the newest readable checkpoint (state, iterator position, meta) or None if none.
+
+    A step that fails to restore (on any process: they agree) is moved to `<workdir>/corrupt/`
+    only once an older step has restored, so a systematic failure (wrong process count, out of
+    memory, a flaky filesystem) never throws checkpoints away: it raises CheckpointError.
+    A checkpoint written by another number of processes is refused up front (the data
+    iterator's state is per process).
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed: list[tuple[int, str]] = []
+    for step in steps:
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(_IteratorState(iterator=data_iterator)),
-            meta=ocp.args.JsonRestore()))
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = meta["meta"]
+        ok = True
       except Exception as e:  # pylint: disable=broad-except
-        log.warning("checkpoint at step %d is unreadable (%s: %s); falling back to the previous one",
-                    step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        self._quarantine(step)
-        continue
-      return step, restored["state"], restored["meta"]
+        ok, error = False, _describe(e)
+      if processes_agree(ok):
+        writers = meta.get("process_count", jax.process_count())
+        if writers != jax.process_count():
+          raise CheckpointError(
+              f"{self.directory / str(step)} was written by {writers} processes; resume with "
+              f"{writers} (this run has {jax.process_count()})")
+        try:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=grain.checkpoint.CheckpointRestore(_IteratorState(iterator=data_iterator)),
+              meta=ocp.args.JsonRestore()))
+          ok = True
+        except Exception as e:  # pylint: disable=broad-except
+          ok, error = False, _describe(e)
+        if processes_agree(ok):
+          for bad, _ in failed:
+            self._quarantine(bad)
+          return step, restored["state"], restored["meta"]
+      if not ok:
+        log.warning("checkpoint at step %d is unreadable (%s); trying the previous one", step, error)
+      failed.append((step, error if not ok else "failed on another process"))
+    if failed:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} could be restored (newest, step {failed[0][0]}: "
+          f"{failed[0][1]}); nothing was moved")
     return None
 
   def _quarantine(self, step: int) -> None:

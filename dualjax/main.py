@@ -67,10 +67,10 @@ def main(argv: list[str]) -> int:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from dualjax import pipeline, train  # pylint: disable=g-import-not-at-top
+  from dualjax import checkpoint, pipeline, train  # pylint: disable=g-import-not-at-top
   try:
     train.train(cfg, _WORKDIR.value)
-  except (train.ConfigError, *pipeline.DATA_ERRORS) as e:
+  except (train.ConfigError, checkpoint.CheckpointError, *pipeline.DATA_ERRORS) as e:
     _fail(str(e))
   except train.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)

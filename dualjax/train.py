@@ -100,6 +100,12 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
     raise ConfigError(f"objective.ar_loss_scale must be > 0, got {o.ar_loss_scale}")
   if d.tokenizer and not pathlib.Path(d.tokenizer).is_file():
     raise ConfigError(f"data.tokenizer: file not found: {d.tokenizer}")
+  if d.tokenizer or d.prepared_dir and (pathlib.Path(d.prepared_dir) / prepare_lib.MANIFEST).is_file():
+    tok = (tok_lib.load_tokenizer(d.tokenizer) if d.tokenizer
+           else prepare_lib.load_tokenizer(d.prepared_dir))
+    if tok.vocab_size > mc.vocab_size:
+      raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's "
+                        f"{tok.vocab_size} ({d.tokenizer or d.prepared_dir})")
   if d.global_batch % jax.process_count():
     raise ConfigError(f"data.global_batch={d.global_batch} is not divisible by the "
                       f"{jax.process_count()} processes")
@@ -184,11 +190,18 @@ def _first_diff(a: Any, b: Any, path: str) -> str | None:
 def prepare_data(cfg: ml_collections.ConfigDict, p: Plan) -> tok_lib.Tokenizer:
   """Prepares the token shards once (process 0) and loads the tokenizer everywhere."""
   d = cfg.data
+  error = None
   if jax.process_index() == 0 and d.source:
-    prepare_lib.prepare(d.source, p.prepared_dir, tokenizer=d.tokenizer or None,
-                        vocab_size=p.model_cfg.vocab_size, num_workers=d.num_workers,
-                        val_fraction=d.val_fraction)
-  _sync("dualjax-prepare")
+    try:
+      prepare_lib.prepare(d.source, p.prepared_dir, tokenizer=d.tokenizer or None,
+                          vocab_size=p.model_cfg.vocab_size, num_workers=d.num_workers,
+                          val_fraction=d.val_fraction)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  if not ckpt_lib.processes_agree(error is None):  # the others must not wait for process 0
+    if error is not None:
+      raise error
+    raise ConfigError(f"data preparation into {p.prepared_dir} failed on process 0 (see its log)")
   tok = prepare_lib.load_tokenizer(p.prepared_dir)
   if tok.vocab_size > p.model_cfg.vocab_size:
     raise ConfigError(f"model.vocab_size={p.model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -306,7 +319,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                  f"AR cells ({p.split.microsteps} microsteps); r={d.repetitions}: unique subset "
                  f"{ds.plan.subset_tokens:,} tokens; steps {start}->{steps}; workdir {workdir}")
   preempt = _Preemption()
-  meta = {"tokenizer_checksum": tok.checksum, "prepared_dir": str(p.prepared_dir),
+  meta = {"process_count": jax.process_count(), "tokenizer_checksum": tok.checksum, "prepared_dir": str(p.prepared_dir),
           "lam": p.split.lam, "microsteps": p.split.microsteps, "replicas": p.split.replicas}
   # Training losses since the last validation (the overfitting flag compares their mean).
   train_window: dict[str, list[float]] = saved_meta.get("train_window", {})
@@ -321,10 +334,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
       state, m = train_step(state, to_global(next(it), p.mesh))
       done = step + 1
       m = {k: float(v) for k, v in jax.device_get(m).items()}
-      if not math.isfinite(m["loss"]):
+      if not all(math.isfinite(v) for v in m.values()):  # loss, and grads/params too
+        good = ckpt.latest_step()
         raise NonFiniteLoss(
-            f"non-finite loss at step {done} ({', '.join(f'{k}={v:.4g}' for k, v in m.items())}); "
-            f"stopped; last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+            f"non-finite loss or gradient at step {done} ("
+            + ", ".join(f"{k}={v:.4g}" for k, v in m.items()) + "); stopped; "
+            + (f"last good checkpoint: step {good} in {ckpt.directory}" if good is not None
+               else "no checkpoint was written"))
       for k in ("ar_loss", "mdm_loss"):
         if k in m:
           train_window.setdefault(k, []).append(m[k])

@@ -4,6 +4,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dualjax import checkpoint as ckpt_lib
 
@@ -65,4 +66,40 @@ def test_corrupt_latest_falls_back(tmp_path, caplog):
 def test_empty_workdir_restores_nothing(tmp_path):
   ck = ckpt_lib.Checkpointer(tmp_path, every=1, keep=1)
   assert ck.restore_latest(_abstract(), _iterator()) is None
+  ck.close()
+
+
+def _two_steps(tmp_path, meta=None):
+  ck = ckpt_lib.Checkpointer(tmp_path, every=1, keep=3, async_save=False)
+  it = _iterator()
+  for s in (1, 2):
+    ck.save(s, _state(s), it.get_state(), meta or {"s": s})
+    next(it)
+  ck.close()
+
+
+def test_no_restorable_checkpoint_raises_and_moves_nothing(tmp_path):
+  _two_steps(tmp_path)
+  wrong = jax.tree.map(lambda a: jax.ShapeDtypeStruct((7,) + a.shape, a.dtype), _abstract())
+  ck = ckpt_lib.Checkpointer(tmp_path, every=1, keep=3)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"no checkpoint in .* could be restored"):
+    ck.restore_latest(wrong, _iterator())   # e.g. a systematic error, not corruption
+  assert ck.manager.all_steps() == [1, 2] and not (tmp_path / "corrupt").exists()
+  ck.close()
+
+
+def test_checkpoint_of_another_process_count_is_refused(tmp_path):
+  _two_steps(tmp_path, meta={"process_count": 2})
+  ck = ckpt_lib.Checkpointer(tmp_path, every=1, keep=3)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"written by 2 processes; resume with 2"):
+    ck.restore_latest(_abstract(), _iterator())
+  assert ck.manager.all_steps() == [1, 2]
+  ck.close()
+
+
+def test_interval_without_an_initial_save(tmp_path):
+  ck = ckpt_lib.Checkpointer(tmp_path, every=3, keep=5, async_save=False)
+  it = _iterator()
+  saved = [s for s in range(1, 8) if ck.save(s, _state(s), it.get_state(), {})]
+  assert saved == [3, 6] and ck.save(7, _state(7), it.get_state(), {}, force=True)
   ck.close()
