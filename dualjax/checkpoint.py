@@ -89,22 +89,17 @@ class Checkpointer:
                      ) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest readable checkpoint (state, iterator position, meta) or None if none.
 
-    A step that fails to restore (on any process: they agree) is moved to `<workdir>/corrupt/`
-    only once an older step has restored, so a systematic failure (wrong process count, out of
-    memory, a flaky filesystem) never throws checkpoints away: it raises CheckpointError.
-    A checkpoint written by another number of processes is refused up front (the data
-    iterator's state is per process).
+    Steps are tried newest first. Each process first checks its own files of the step with plain
+    reads (no collectives) and all processes agree on the result, so they always call Orbax on
+    the same step. A step that fails is moved to `<workdir>/corrupt/` only once an older step has
+    restored; if none restores, CheckpointError (nothing is moved), so a systematic failure never
+    throws checkpoints away. With several processes a failure inside Orbax after the file checks
+    is not recoverable (Orbax's own barriers would pair with ours): it raises.
     """
-    steps = sorted(self.manager.all_steps(), reverse=True)
     failed: list[tuple[int, str]] = []
-    for step in steps:
-      try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
-        ok = True
-      except Exception as e:  # pylint: disable=broad-except
-        ok, error = False, _describe(e)
-      if processes_agree(ok):
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      meta, error = self._check_files(step)
+      if processes_agree(error is None):
         writers = meta.get("process_count", jax.process_count())
         if writers != jax.process_count():
           raise CheckpointError(
@@ -115,31 +110,48 @@ class Checkpointer:
               state=ocp.args.StandardRestore(abstract_state),
               data=grain.checkpoint.CheckpointRestore(_IteratorState(iterator=data_iterator)),
               meta=ocp.args.JsonRestore()))
-          ok = True
         except Exception as e:  # pylint: disable=broad-except
-          ok, error = False, _describe(e)
-        if processes_agree(ok):
-          for bad, _ in failed:
-            self._quarantine(bad)
+          if jax.process_count() > 1:
+            raise CheckpointError(f"{self.directory / str(step)} passed the file checks but failed "
+                                  f"to restore ({_describe(e)}); move it away and restart") from e
+          error = _describe(e)
+        else:
+          self._quarantine([s for s, _ in failed])
           return step, restored["state"], restored["meta"]
-      if not ok:
-        log.warning("checkpoint at step %d is unreadable (%s); trying the previous one", step, error)
-      failed.append((step, error if not ok else "failed on another process"))
+      error = error or "unreadable on another process"
+      log.warning("checkpoint at step %d is unreadable (%s); trying the previous one", step, error)
+      failed.append((step, error))
     if failed:
       raise CheckpointError(
           f"no checkpoint in {self.directory} could be restored (newest, step {failed[0][0]}: "
           f"{failed[0][1]}); nothing was moved")
     return None
 
-  def _quarantine(self, step: int) -> None:
-    """Moves an unreadable step out of the manager's directory (kept for inspection)."""
-    if jax.process_index() == 0:
-      src = self.directory / str(step)
-      dst = self.workdir / "corrupt" / f"{step}-{int(time.time())}"
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      if src.exists():
-        shutil.move(str(src), str(dst))
-    self.manager.reload()
+  def _check_files(self, step: int) -> tuple[dict[str, Any], str | None]:
+    """(meta, None) if this process's files of `step` parse, else ({}, reason). No collectives."""
+    d = self.directory / str(step)
+    data = d / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    try:
+      meta = json.loads((d / "meta" / "metadata").read_text())
+      if data.exists():  # absent when another process count wrote it (meta says so)
+        json.loads(data.read_text())
+      json.loads((d / "state" / "_METADATA").read_text())
+      return meta, None
+    except (OSError, ValueError) as e:
+      return {}, _describe(e)
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unreadable steps out of the manager's directory (kept for inspection)."""
+    if steps and jax.process_index() == 0:
+      for step in steps:
+        src = self.directory / str(step)
+        dst = self.workdir / "corrupt" / f"{step}-{int(time.time())}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.exists():
+          shutil.move(str(src), str(dst))
+    if steps:
+      processes_agree(True)  # a barrier: every process reloads after the move
+      self.manager.reload()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

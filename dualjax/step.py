@@ -66,26 +66,21 @@ def make_grad_fn(model_cfg: model_lib.ModelConfig, split: Split, mesh: Mesh, *,
   ar_vg = jax.value_and_grad(ar, has_aux=True)
   mdm_vg = jax.value_and_grad(mdm, has_aux=True)
 
-  def accumulate(params, micro, cell_keys, n_ar_micro, replicas_here):
-    """Scans microsteps; microstep m runs AR iff m < n_ar_micro (per this program's cells)."""
+  def accumulate(params, micro, cell_keys, is_ar, cells_per_call):
+    """Scans microsteps; `is_ar(m)` is a Python bool (static: no conditional) or a traced one."""
     def one(acc, inp):
       grads_acc, ar_sum, mdm_sum = acc
       m, rows = inp
-      keys_R = cell_keys(m)
-      if n_ar_micro is None:  # device split: the cell index decides, per replica
-        is_ar = m * R + lax.axis_index("replica") < n_ar
-        (_, raw), grads = lax.cond(is_ar, ar_vg, mdm_vg, params, rows, keys_R)
-      elif n_ar_micro == M:
-        is_ar, ((_, raw), grads) = True, ar_vg(params, rows, keys_R)
-      elif n_ar_micro == 0:
-        is_ar, ((_, raw), grads) = False, mdm_vg(params, rows, keys_R)
+      keys = cell_keys(m)
+      flag = is_ar(m)
+      if isinstance(flag, bool):
+        (_, raw), grads = (ar_vg if flag else mdm_vg)(params, rows, keys)
       else:
-        is_ar = m < n_ar_micro
-        (_, raw), grads = lax.cond(is_ar, ar_vg, mdm_vg, params, rows, keys_R)
+        (_, raw), grads = lax.cond(flag, ar_vg, mdm_vg, params, rows, keys)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      raw = raw * replicas_here  # sums over this program's cells
-      return (grads_acc, ar_sum + jnp.where(is_ar, raw, 0.0),
-              mdm_sum + jnp.where(is_ar, 0.0, raw)), None
+      raw = raw * cells_per_call  # the call's mean over its cells -> their sum
+      return (grads_acc, ar_sum + jnp.where(flag, raw, 0.0),
+              mdm_sum + jnp.where(flag, 0.0, raw)), None
 
     init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
             jnp.zeros((), jnp.float32))
@@ -103,19 +98,31 @@ def make_grad_fn(model_cfg: model_lib.ModelConfig, split: Split, mesh: Mesh, *,
     return metrics
 
   if n_ar % R == 0:
+    def is_ar_microstep(m):
+      return True if n_ar == split.cells else False if n_ar == 0 else m < n_ar // R
+
     def whole(params, batch, key):
       def cell_keys(m):
         return jax.vmap(lambda c: jax.random.fold_in(key, c))(m * R + jnp.arange(R))
-      grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, M), cell_keys, n_ar // R, R)
+      grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, M), cell_keys,
+                                          is_ar_microstep, R)
       return grads, metrics_of(ar_sum, mdm_sum)
     return whole
+
+  if mesh.shape["tensor"] > 1:
+    raise ValueError("replicas running different objectives in one microstep need mesh tensor = 1 "
+                     "(XLA cannot partition it); use a split with n_ar divisible by replicas "
+                     "(make_split(..., whole_microsteps=True))")
 
   def body(params, batch, key):
     replica = lax.axis_index("replica")
 
     def cell_keys(m):
       return jax.random.fold_in(key, m * R + replica)[None]
-    grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, M), cell_keys, None, 1)
+
+    def is_ar_cell(m):
+      return m * R + replica < n_ar
+    grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, M), cell_keys, is_ar_cell, 1)
     grads = lax.pmean(grads, "replica")
     ar_sum, mdm_sum = lax.psum((ar_sum, mdm_sum), "replica")
     return grads, metrics_of(ar_sum, mdm_sum)

@@ -263,7 +263,14 @@ def abstract_state(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the last training metrics."""
   workdir = pathlib.Path(workdir)
-  p = plan(cfg, workdir)
+  p, error = None, None
+  try:
+    p = plan(cfg, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  if not ckpt_lib.processes_agree(error is None):  # no process may go on alone
+    raise error if error is not None else ConfigError(
+        "start-up checks failed on another process (see its log)")
   is_main = jax.process_index() == 0
   d, o = cfg.data, cfg.objective
   if is_main:

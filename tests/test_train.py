@@ -171,6 +171,17 @@ def test_two_processes_train_like_one(embedded_prepared, reference_run, tmp_path
   for s in ref:
     assert got[s] == pytest.approx(ref[s], rel=2e-4 if s <= 12 else 5e-3), s
   assert ckpt_lib.Checkpointer(wd, every=5, keep=2).latest_step() == 60
+  # Step 60's data file of process 1 only is damaged: both processes agree to fall back to 55,
+  # retrain 56..60 and move step 60 aside (no process goes on alone or hangs).
+  (wd / "checkpoints" / "60" / "data" / "process_1-of-2.json").write_text("{not json")
+  args[-2] = f"--coordinator_address=localhost:{_free_port()}"
+  procs = [_main(args + [f"--process_id={i}"], devices=4) for i in range(2)]
+  outs = [p.communicate(timeout=400) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "resumed from step 55" in outs[0][1]
+  assert [d.name.split("-")[0] for d in (wd / "corrupt").iterdir()] == ["60"]
+  assert ckpt_lib.Checkpointer(wd, every=5, keep=2).latest_step() == 60
 
 
 def test_bad_starts_fail_in_one_line_and_leave_the_workdir_alone(
