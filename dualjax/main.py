@@ -48,12 +48,14 @@ def main(argv: list[str]) -> int:
     print("  --config.SECTION.FIELD=VALUE: override any config field (see configs/base.py)")
     return 0
   try:
-    flags.FLAGS(argv)
+    extra = flags.FLAGS(argv)[1:]
     cfg = _CONFIG.value
     if cfg is not None:
       cfg.keys()  # a config file that failed to load raises here
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
     _fail(_describe_flag_error(e, argv))
+  if extra:
+    _fail(f"unexpected arguments: {' '.join(extra)} (flags take the form --name=value)")
   if cfg is None:
     _fail("--config is required, e.g. --config=configs/rep128.py:tiny")
   if not _WORKDIR.value:

@@ -215,6 +215,9 @@ def test_bad_starts_fail_in_one_line_and_leave_the_workdir_alone(
   assert r.returncode == 2 and re.fullmatch(
       r"error: data: the tokenizer of \S+ differs from this run's \S+tokenizer.model .*",
       r.stderr.strip()), r.stderr[-2000:]
+  r = _run(_args(embedded_prepared, wd) + ["steps=5"])
+  assert r.returncode == 2 and r.stderr.strip() == (
+      "error: unexpected arguments: steps=5 (flags take the form --name=value)"), r.stderr
   r = _run([f"--config={REPO}/configs/nope.py", f"--workdir={wd}"])
   assert r.returncode == 2 and "nope.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
   assert _tree_digest(wd) == before
@@ -253,7 +256,7 @@ def test_non_finite_loss_stops_with_a_clear_message(embedded_prepared, tmp_path)
 @pytest.mark.slow
 def test_readme_demo_runs_as_written_and_validation_loss_falls(tmp_path):
   readme = (REPO / "README.md").read_text()
-  cmd = re.search(r"python -m dualjax\.main [^\n`]*", readme).group(0)
+  cmd = re.search(r"python -m dualjax\.main [^\n`#]*", readme).group(0)
   cmd = re.sub(r"--workdir=\S+", f"--workdir={tmp_path / 'demo'}", cmd).split()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # as on a fresh machine: 1 CPU device
   r = subprocess.run([sys.executable] + cmd[1:], cwd=REPO, env=env, capture_output=True, text=True,
