@@ -300,7 +300,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
   ckpt = ckpt_lib.Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                                async_save=cfg.checkpoint.async_save)
   overfit = metrics_lib.OverfitDetector(cfg.log.overfit_rel_tol)
-  restored = ckpt.restore_latest(abstract, it)
+  try:
+    restored = ckpt.restore_latest(abstract, it)
+  except BaseException:
+    ckpt.close()
+    raise
   saved_meta: dict[str, Any] = {}
   if restored is None:
     state = jax.jit(init_state, out_shardings=state_shardings)()
