@@ -185,7 +185,7 @@ def load_for_eval(path: str | os.PathLike, step: int | None = None
   from dualjax import train as train_lib  # pylint: disable=import-outside-toplevel
   workdir, step_of_path = split_run_path(path)
   step = step_of_path if step_of_path is not None else step
-  config_file = workdir / "config.json"
+  config_file = workdir / train_lib.CONFIG_FILE
   if not config_file.is_file():
     raise ValueError(f"{path}: not a training workdir or checkpoint (no {config_file})")
   cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))

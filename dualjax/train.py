@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 _RUN_IDENTITY = ("seed", "model", "data", "objective", "optim", "train")
 _NOT_IDENTITY = ("data.prepared_dir", "data.num_workers", "model.attention_impl", "model.remat",
                  "model.scan_layers")
+CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -103,9 +104,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
   if d.tokenizer or d.prepared_dir and (pathlib.Path(d.prepared_dir) / prepare_lib.MANIFEST).is_file():
     tok = (tok_lib.load_tokenizer(d.tokenizer) if d.tokenizer
            else prepare_lib.load_tokenizer(d.prepared_dir))
-    if tok.vocab_size > mc.vocab_size:
-      raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's "
-                        f"{tok.vocab_size} ({d.tokenizer or d.prepared_dir})")
+    _check_vocab(tok, mc, d.tokenizer or d.prepared_dir)
   if d.global_batch % jax.process_count():
     raise ConfigError(f"data.global_batch={d.global_batch} is not divisible by the "
                       f"{jax.process_count()} processes")
@@ -140,18 +139,21 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
 
 def _check_eval(cfg: ml_collections.ConfigDict) -> None:
   from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  e = cfg.eval
+  tasks, modes, data_dir = _eval_settings(cfg)
   try:
-    eval_lib.expand_modes(_eval_modes(cfg))
-    eval_lib.load_examples(_csv(e.tasks) or list(eval_lib.tasks_lib.TASKS),
-                           e.data_dir or eval_lib.DEFAULT_DATA_DIR, 1, 0)
+    eval_lib.expand_modes(modes)
+    eval_lib.load_examples(tasks, data_dir, 1, 0)
   except ValueError as err:
     raise ConfigError(f"eval: {err}") from None
 
 
-def _eval_modes(cfg: ml_collections.ConfigDict) -> list[str]:
+def _eval_settings(cfg: ml_collections.ConfigDict) -> tuple[list[str], list[str], Any]:
+  """(tasks, modes, data_dir) of the `eval` section with its defaults filled in."""
   from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  return _csv(cfg.eval.modes) or list(eval_lib.supported_modes(cfg.objective.lam))
+  e = cfg.eval
+  return (_csv(e.tasks) or list(eval_lib.tasks_lib.TASKS),
+          _csv(e.modes) or list(eval_lib.supported_modes(cfg.objective.lam)),
+          e.data_dir or eval_lib.DEFAULT_DATA_DIR)
 
 
 def _csv(s: str) -> list[str]:
@@ -160,7 +162,7 @@ def _csv(s: str) -> list[str]:
 
 def _check_workdir(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """A workdir holding another run is refused, naming the first differing field."""
-  saved = workdir / "config.json"
+  saved = workdir / CONFIG_FILE
   if not saved.exists():
     return
   try:
@@ -203,10 +205,14 @@ def prepare_data(cfg: ml_collections.ConfigDict, p: Plan) -> tok_lib.Tokenizer:
       raise error
     raise ConfigError(f"data preparation into {p.prepared_dir} failed on process 0 (see its log)")
   tok = prepare_lib.load_tokenizer(p.prepared_dir)
-  if tok.vocab_size > p.model_cfg.vocab_size:
-    raise ConfigError(f"model.vocab_size={p.model_cfg.vocab_size} is smaller than the tokenizer's "
-                      f"{tok.vocab_size} in {p.prepared_dir}")
+  _check_vocab(tok, p.model_cfg, p.prepared_dir)
   return tok
+
+
+def _check_vocab(tok: tok_lib.Tokenizer, mc: model_lib.ModelConfig, where: Any) -> None:
+  if tok.vocab_size > mc.vocab_size:
+    raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's "
+                      f"{tok.vocab_size} ({where})")
 
 
 def _sync(name: str) -> None:
@@ -227,9 +233,7 @@ class _Preemption:
 
   def requested(self) -> bool:
     """Whether any process was signalled (all processes agree, so all save together)."""
-    if jax.process_count() > 1:
-      return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
-    return self.flag
+    return not ckpt_lib.processes_agree(not self.flag)
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._old)
@@ -291,8 +295,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
   it = iter(ds)
   # Nothing was written to the workdir but prepared data until here.
   if is_main:
-    if not (workdir / "config.json").exists():
-      _write_atomic(workdir / "config.json", cfg.to_json(indent=2))
+    if not (workdir / CONFIG_FILE).exists():
+      _write_atomic(workdir / CONFIG_FILE, cfg.to_json(indent=2))
     if not (workdir / TOKENIZER_FILE).exists():
       shutil.copyfile(tok.path, workdir / TOKENIZER_FILE)
 
@@ -330,8 +334,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                  f"AR cells ({p.split.microsteps} microsteps); r={d.repetitions}: unique subset "
                  f"{ds.plan.subset_tokens:,} tokens; steps {start}->{steps}; workdir {workdir}")
   preempt = _Preemption()
-  meta = {"process_count": jax.process_count(), "tokenizer_checksum": tok.checksum, "prepared_dir": str(p.prepared_dir),
-          "lam": p.split.lam, "microsteps": p.split.microsteps, "replicas": p.split.replicas}
+  meta = {"process_count": jax.process_count(), "tokenizer_checksum": tok.checksum,
+          "prepared_dir": str(p.prepared_dir), "lam": p.split.lam,
+          "microsteps": p.split.microsteps, "replicas": p.split.replicas}
   # Training losses since the last validation (the overfitting flag compares their mean).
   train_window: dict[str, list[float]] = saved_meta.get("train_window", {})
   last: dict[str, Any] = {}
@@ -411,11 +416,9 @@ def validate(cfg: ml_collections.ConfigDict, p: Plan, eval_fn, params) -> dict[s
 def run_eval(cfg, p: Plan, tok, params, step: int, workdir: pathlib.Path, writer, progress) -> None:
   """Downstream tasks (dualjax.evaluate) on the current parameters; JSON+Markdown per step."""
   from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  e = cfg.eval
-  tasks = _csv(e.tasks) or list(eval_lib.tasks_lib.TASKS)
-  results = eval_lib.evaluate(params, p.model_cfg, tok, tasks, _eval_modes(cfg),
-                              data_dir=e.data_dir or eval_lib.DEFAULT_DATA_DIR,
-                              limit=e.limit or None, mesh=p.mesh, step=step,
+  tasks, modes, data_dir = _eval_settings(cfg)
+  results = eval_lib.evaluate(params, p.model_cfg, tok, tasks, modes, data_dir=data_dir,
+                              limit=cfg.eval.limit or None, mesh=p.mesh, step=step,
                               checkpoint=str(workdir))
   if jax.process_index() == 0:
     eval_lib.write_results(results, workdir / "eval" / f"step_{step}.json")
