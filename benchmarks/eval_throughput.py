@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualjax import evaluate as ev
-from dualjax.evaluation import scoring, tasks as tasks_lib
+from dualjax import model as model_lib
+from dualjax import tokenizer as tok_lib
+from dualjax.evaluation import scoring, suite as ev, tasks as tasks_lib
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 383e12}
 
@@ -94,8 +95,7 @@ def main() -> None:
   p.add_argument("--batch_tokens", type=int, default=None)
   p.add_argument("--out", default=None, help="write the numbers as JSON here")
   args = p.parse_args()
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  tok = spm.SentencePieceProcessor(model_file=args.tokenizer)
+  tok = tok_lib.load_tokenizer(args.tokenizer)
   modes = args.modes.split(",")
 
   # Count the full suite.
@@ -103,7 +103,7 @@ def main() -> None:
   examples = ev.load_examples(tasks_lib.TASKS, args.data_dir, None, 0)
   reqs, per_task = ev.build_requests(examples, tok)
   n_choices = sum(len(c) for tr in per_task.values() for c in tr.completions)
-  counts = {"tokenizer_vocab": tok.vocab_size(), "completions": n_choices,
+  counts = {"tokenizer_vocab": tok.vocab_size, "completions": n_choices,
             "unique_requests": len(reqs), "encode_seconds": time.perf_counter() - t0,
             "tokens": {}, "sequences": {}}
   for m in modes:
@@ -120,8 +120,7 @@ def main() -> None:
   if args.count_only:
     return
 
-  from dualjax import model as model_lib  # pylint: disable=import-outside-toplevel
-  vocab = tok.vocab_size()
+  vocab = tok.vocab_size
   if args.gpu:
     cfg = model_lib.ModelConfig(vocab_size=vocab)
     limit, row_len, batch_tokens = args.limit or 400, args.row_len or 512, (

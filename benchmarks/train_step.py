@@ -9,7 +9,6 @@ training loop's host work (batch -> global array, dispatch, metric fetch) minus 
 """
 
 import argparse
-import functools
 import time
 
 import jax
@@ -20,8 +19,8 @@ from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import optim
 from dualjax import sharding
+from dualjax import split as split_lib
 from dualjax import step as step_lib
-from dualjax import train as train_lib
 
 PRESETS = {
     "tiny": dict(model=dict(vocab_size=2048, num_layers=2, d_model=64, num_heads=4, head_dim=16,
@@ -60,10 +59,11 @@ def main():
   tokens = rng.integers(16, cfg.vocab_size, (rows, L + 1)).astype(np.int32)
   tokens[:, ::97] = 1
   seg = np.cumsum(tokens == 1, axis=1).astype(np.int32) + 1
-  batch = train_lib.to_global({"tokens": tokens, "segment_ids": seg}, mesh)
-  opt = optim.make_optimizer(learning_rate=optim.wsd_schedule(0.007, 1000))
-  abstract = jax.eval_shape(functools.partial(model_lib.init, cfg), jax.random.key(0))
-  st_sh = sharding.state_shardings(abstract, opt, mesh)
+  batch = mesh_lib.to_global({"tokens": tokens, "segment_ids": seg}, mesh)
+  axes = model_lib.logical_axes(cfg)
+  opt = optim.make_optimizer(optim.wsd_schedule(0.007, 1000), axes)
+  abstract = model_lib.abstract_params(cfg)
+  st_sh = sharding.state_shardings(axes, abstract, opt, mesh)
   kind = jax.devices()[0].platform
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  preset={args.preset}  "
         f"rows={rows} seq={L}")
@@ -72,7 +72,7 @@ def main():
   # microstep one objective on all devices (what tensor-parallel meshes use).
   for name, lam, whole in (("ar", 1.0, False), ("mdm", 0.0, False), ("dual", args.lam, False),
                            ("dual_whole", args.lam, True)):
-    split = mesh_lib.make_split(lam, rows, R, whole_microsteps=whole)
+    split = split_lib.make_split(lam, rows, R, whole_microsteps=whole)
     fn = jax.jit(step_lib.make_train_step(cfg, split, mesh, opt, ar_loss_scale=1.0, z_loss=1e-4),
                  donate_argnums=(0,))
 
@@ -100,7 +100,7 @@ def main():
       # The trainer's host loop: numpy rows -> global array, dispatch, fetch metrics every step.
       t = time.perf_counter()
       for _ in range(args.steps):
-        state, m = fn(state, train_lib.to_global(local, mesh))
+        state, m = fn(state, mesh_lib.to_global(local, mesh))
         jax.device_get(m)
       loop_t[name].append((time.perf_counter() - t) / args.steps)
       v[2] = state

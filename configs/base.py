@@ -1,101 +1,11 @@
 """The paper's setting: 470M dual model, 8192 steps x 2048 rows x 2048 tokens (DESIGN.md §5, §6).
 
 Variants: `configs/base.py` (paper scale) and `configs/base.py:tiny` (a CPU-sized model on the
-embedded corpus that trains in minutes on two cores).
+embedded corpus). Every default is in `dualjax.config_lib` (see its docstring for where).
 """
 
-import fractions
-
-import ml_collections
+from dualjax import config_lib
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the config; `arg` selects a scale variant ('tiny' or None/'' for the paper)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 42
-
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=51_200, num_layers=24, d_model=1024, num_heads=16, head_dim=64, mlp_dim=3554,
-      max_seq_len=2048, rope_theta=160_000.0, norm_eps=1e-7, head="mlp",
-      compute_dtype="bfloat16", param_dtype="float32", attention_impl="auto",
-      scan_layers=True, remat="none"))
-
-  c.data = ml_collections.ConfigDict(dict(
-      # HPLT v2 English as JSONL.zst (text field), e.g. '/data/hplt2/eng_Latn/*.jsonl.zst'.
-      source="",
-      prepared_dir="",    # default: <workdir>/prepared
-      tokenizer="",       # a SentencePiece .model; empty = train one of model.vocab_size on the source
-      seq_len=2048,
-      global_batch=2048,  # rows per optimizer step (each row seq_len + 1 tokens)
-      repetitions=1,      # r: the unique subset of D/r tokens is seen r times
-      num_workers=0,      # prepare: tokenizer processes (0 = all cores)
-      val_fraction=0.005,
-  ))
-
-  # L = lam * ar_loss_scale * L_AR + (1 - lam) * L_MDM. The authors' released code multiplied
-  # L_AR by 2 (paper Appendix B erratum), and every published run -- hence the paper's lambda
-  # recommendations -- used it, so the configs that reproduce the paper set ar_loss_scale=2.
-  c.objective = ml_collections.ConfigDict(dict(lam=1.0, ar_loss_scale=2.0, z_loss=1e-4))
-
-  c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=0.007, weight_decay=0.1, warmup_steps=0, decay_fraction=0.25,
-      momentum=0.95, ns_steps=5, b1=0.9, b2=0.95, eps=1e-8))
-
-  c.train = ml_collections.ConfigDict(dict(steps=8192))
-
-  # Devices form a ('replica', 'fsdp', 'tensor') mesh; -1 takes the remaining devices. The
-  # replica axis (x gradient-accumulation microsteps) is split into AR and MDM cells.
-  c.mesh = ml_collections.ConfigDict(dict(
-      replica=-1, fsdp=1, tensor=1,
-      microsteps=0,  # 0 = the fewest that represent lam exactly, divide the batch and fit below
-      max_device_rows=8,  # rows per device per microstep (memory bound; 0 = none), 470M @ 2048
-      # Logical axis -> mesh axis (dualjax/sharding.py): FSDP over hidden dims, tensor over the rest.
-      rules=(("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor")),
-  ))
-
-  c.checkpoint = ml_collections.ConfigDict(dict(every=256, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(
-      every=16, val_every=512, val_batches=8,
-      span_mask_val=False,     # also the authors' validation loss: BERT-style 10% span masking
-      overfit_rel_tol=0.01))   # paper §5.3 flag: held-out loss this far above its best
-  # Downstream evaluation (dualjax.evaluate) every `every` steps and at the end; 0 = off.
-  # tasks, modes: comma-separated (empty = all nine tasks; the modes the model's lam supports,
-  # see dualjax.evaluate.supported_modes); limit: items per task (0 = all).
-  c.eval = ml_collections.ConfigDict(dict(every=0, tasks="", modes="", limit=0,
-                                          data_dir=""))  # empty = ../shared/eval-data
-
-  if arg == "tiny":
-    _tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"config variant must be '' or 'tiny', got {arg!r}")
-  return c
-
-
-def _tiny(c: ml_collections.ConfigDict) -> None:
-  """A CPU-sized model on the embedded corpus (minutes on two cores)."""
-  c.model.update(dict(vocab_size=2048, num_layers=2, d_model=64, num_heads=4, head_dim=16,
-                      mlp_dim=192, max_seq_len=128, compute_dtype="float32",
-                      attention_impl="xla"))
-  c.data.update(dict(source="embedded", seq_len=128, global_batch=16, val_fraction=0.02))
-  c.optim.learning_rate = 0.01
-  c.train.steps = 300
-  c.checkpoint.every = 50
-  c.log.update(dict(every=10, val_every=50, val_batches=4))
-  c.mesh.max_device_rows = 0
-
-
-def paper_lam(repetitions: int) -> float:
-  """The paper's rule of thumb (§5.3, DESIGN.md §8) for the AR share lam.
-
-  r <= 16: mostly AR, lam = 15/16 (inside the recommended 7/8 ... 63/64);
-  r >= 32: lam = 16 / r, so the AR share sees ~16 repetitions: 32 -> 1/2, 64 -> 1/4, 128 -> 1/8.
-  """
-  return float(min(fractions.Fraction(15, 16), fractions.Fraction(16, repetitions)))
-
-
-def rep_config(repetitions: int, arg: str | None = None) -> ml_collections.ConfigDict:
-  """The paper's setting at `repetitions` with the rule-of-thumb lam."""
-  c = get_config(arg)
-  c.data.repetitions = repetitions
-  c.objective.lam = paper_lam(repetitions)
-  return c
+def get_config(arg: str | None = None):
+  return config_lib.get_config(arg)

@@ -1,10 +1,7 @@
 """r = 8 repetitions, lam by the paper's rule (DESIGN.md §8). Variants: '' (paper), 'tiny' (CPU)."""
 
-import pathlib
-import runpy
-
-_base = runpy.run_path(str(pathlib.Path(__file__).with_name("base.py")))
+from dualjax import config_lib
 
 
 def get_config(arg: str | None = None):
-  return _base["rep_config"](repetitions=8, arg=arg)
+  return config_lib.rep_config(8, arg)

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole training state, with the Grain iterator (DESIGN.md §10).
+"""Orbax checkpoints of the training state, with the Grain iterator (DESIGN.md §10): an adapter.
 
 One checkpoint = `ocp.args.Composite` of
   state: params, optimizer state, step, RNG key (sharded arrays, `StandardSave`);
@@ -19,8 +19,9 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+
+from dualjax.distributed import processes_agree
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,13 @@ def _describe(e: BaseException) -> str:
   return f"{type(e).__name__}: {first}"[:300]
 
 
-def processes_agree(ok: bool) -> bool:
-  """True iff `ok` on every process (a collective: all processes call it in the same order)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
 class Checkpointer:
   """`ocp.CheckpointManager` over `<workdir>/checkpoints` with fallback past corrupt checkpoints."""
 
-  def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True,
+               directory: str = "checkpoints"):
     self.workdir = pathlib.Path(workdir)
-    self.directory = self.workdir / "checkpoints"
+    self.directory = self.workdir / directory
     policies = ocp.checkpoint_managers  # every `every` steps and on preemption; no initial save
     self.options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -153,6 +147,10 @@ class Checkpointer:
       processes_agree(True)  # a barrier: every process reloads after the move
       self.manager.reload()
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save (interval or preemption)."""
+    return self.manager.should_save(step)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -164,48 +162,32 @@ class Checkpointer:
     self.manager.close()
 
 
-def split_run_path(path: str | os.PathLike) -> tuple[pathlib.Path, int | None]:
-  """(workdir, step) for a training workdir (step None) or one of its `checkpoints/N` dirs."""
-  path = pathlib.Path(path)
-  if path.name.isdigit() and path.parent.name == "checkpoints":
-    return path.parent.parent, int(path.name)
-  return path, None
+def restore_params(directory: str | os.PathLike, abstract_params: Any, step: int | None = None
+                   ) -> tuple[Any, int]:
+  """(params, step) from the checkpoints in `directory`: `step`, or the newest readable one.
 
-
-def load_for_eval(path: str | os.PathLike, step: int | None = None
-                  ) -> tuple[Any, Any, Any, int]:
-  """(params, model_cfg, tokenizer, step) from a training workdir or one of its step directories.
-
-  `path` is a workdir (its newest readable checkpoint, or `step`) or `<workdir>/checkpoints/N`.
-  Parameters are restored replicated over all devices (optimizer state is not kept).
+  Only the parameters are read (the optimizer state is not); `abstract_params` are
+  ShapeDtypeStructs with the shardings to restore into. ValueError in one line if none reads.
   """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from dualjax import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from dualjax import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
-  from dualjax import train as train_lib  # pylint: disable=import-outside-toplevel
-  workdir, step_of_path = split_run_path(path)
-  step = step_of_path if step_of_path is not None else step
-  config_file = workdir / train_lib.CONFIG_FILE
-  if not config_file.is_file():
-    raise ValueError(f"{path}: not a training workdir or checkpoint (no {config_file})")
-  cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  tokenizer = tok_lib.load_tokenizer(workdir / train_lib.TOKENIZER_FILE)
-  mesh = mesh_lib.make_mesh(-1, 1, 1)
-  abstract = train_lib.abstract_state(cfg, mesh)[0]
-  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+  directory = pathlib.Path(directory)
+  manager = ocp.CheckpointManager(directory.absolute(),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = sorted(manager.all_steps(), reverse=True)
-  if step is not None and step not in steps:
-    raise ValueError(f"{workdir}: no checkpoint at step {step} (have {sorted(steps)})")
-  for s in ([step] if step is not None else steps):
-    try:
-      restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
-    except Exception as e:  # pylint: disable=broad-except
-      if step is not None:
-        raise ValueError(f"{workdir}: checkpoint {s} is unreadable ({type(e).__name__})") from None
-      log.warning("checkpoint %d is unreadable (%s); trying the previous one", s, type(e).__name__)
-      continue
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise ValueError(f"{directory}: no checkpoint at step {step} (have {sorted(steps)})")
+    target = {"params": abstract_params}
+    for s in ([step] if step is not None else steps):
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+      except Exception as e:  # pylint: disable=broad-except
+        if step is not None:
+          raise ValueError(f"{directory}: checkpoint {s} is unreadable ({_describe(e)})") from None
+        log.warning("checkpoint %d is unreadable (%s); trying the previous one", s, _describe(e))
+        continue
+      return restored["state"]["params"], s
+    raise ValueError(f"no readable checkpoint in {directory}")
+  finally:
     manager.close()
-    return restored["state"]["params"], train_lib.model_config(cfg), tokenizer, s
-  raise ValueError(f"{workdir}: no readable checkpoint in {workdir / 'checkpoints'}")

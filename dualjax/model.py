@@ -1,12 +1,13 @@
-"""The dual-objective transformer (DESIGN.md §2), as pure functions of a plain params pytree.
+"""The dual-objective transformer (DESIGN.md §2): a `flax.linen` module used pure-functionally.
 
 Pre-norm decoder: h = x + attn(norm(x)); out = h + mlp(norm(h)); separate q/k/v and up/gate
 matrices, RoPE (rotate-half, theta 160 000), RMSNorm (eps 1e-7), no biases in blocks, untied
 embedding, and the head norm -> Linear(D, D) -> GELU(tanh) -> Linear(D, V) + bias ('mlp') or
 norm -> Linear(D, V) ('linear').
 
-Params (kernels are [D_in, D_out], applied as x @ W; the blocks are always stacked on a leading
-layer axis, whether or not `scan_layers` is set, so checkpoints do not depend on it):
+Every parameter is declared once (`_param`): its initializer and its logical axes. The blocks run
+under `nn.scan` (stacked on a leading 'layers' axis whatever `scan_layers` says, so checkpoints
+do not depend on it) with `nn.remat`. Params (kernels [D_in, D_out], applied as x @ W):
 
   embed [V, D]
   layers/attn_norm [N, D]  layers/attn/{q, k, v} [N, D, H*Dh]  layers/attn/o [N, H*Dh, D]
@@ -15,13 +16,17 @@ layer axis, whether or not `scan_layers` is set, so checkpoints do not depend on
 
 Precision: parameters fp32; matmul inputs in `compute_dtype` with fp32 accumulation; the
 residual stream, norms, RoPE, softmax and logits are fp32 (like torch autocast, the authors'
-setting).
+setting). Activations carry logical constraints ('activation_*' names, see dualjax.sharding).
+
+Functional API: `init(cfg, key) -> params` (plain, unboxed), `apply(params, tokens_BxL,
+segment_ids_BxL, *, cfg, mode, ...) -> logits_BxLxV`, `logical_axes(cfg)`, `count_params`.
 """
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +37,11 @@ Params = dict[str, Any]
 MODES = ("causal", "bidirectional", "prefix")
 HEADS = ("mlp", "linear")
 _DTYPES = ("float32", "bfloat16", "float16")
+
+# Logical names of activation dimensions (mapped to mesh axes by the config's rules).
+BATCH, LENGTH, EMBED, HEADS_ACT, KV, MLP_ACT, VOCAB_ACT = (
+    "activation_batch", "activation_length", "activation_embed", "activation_heads",
+    "activation_kv", "activation_mlp", "activation_vocab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +59,9 @@ class ModelConfig:
   head: str = "mlp"
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   scan_layers: bool = True
-  remat: bool | str | None = False  # False/None/'none', True/'full', or a jax.checkpoint_policies name
+  remat: bool | str | None = "none"  # False/None/'none', True/'full', or a jax.checkpoint_policies name
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim",
@@ -73,14 +83,14 @@ class ModelConfig:
     if self.attention_impl not in attention.IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention_impl must be one of {attention.IMPLEMENTATIONS}, "
                        f"got {self.attention_impl!r}")
-    _remat_policy(self.remat)  # validates
+    remat_policy(self.remat)  # validates
 
   @property
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.compute_dtype)
 
 
-def _remat_policy(remat: Any) -> Any:
+def remat_policy(remat: Any) -> Any:
   """None (no remat), 'full' or a jax.checkpoint_policies callable."""
   if remat in (False, None, "none", ""):
     return None
@@ -93,61 +103,37 @@ def _remat_policy(remat: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Init.
+# Parameter declarations: initializer + logical axes, in one place.
 
-def _tn(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+def _tn(std: float | jax.Array) -> Callable[..., jax.Array]:
   """Truncated normal at +-2 std (std of the untruncated normal)."""
-  return jax.nn.initializers.truncated_normal(std, lower=-2.0, upper=2.0)(key, shape, dtype)
+  def init(key, shape, dtype):
+    unit = jax.nn.initializers.truncated_normal(1.0, lower=-2.0, upper=2.0)(key, shape, dtype)
+    return (unit * std).astype(dtype)
+  return init
 
 
-def init(cfg: ModelConfig, key: jax.Array) -> Params:
-  """Parameters with the §2 init (zero out/down projections, per-layer MLP scale)."""
-  D, V, F, N = cfg.d_model, cfg.vocab_size, cfg.mlp_dim, cfg.num_layers
-  HD = cfg.num_heads * cfg.head_dim
-  pd = jnp.dtype(cfg.param_dtype)
-  k_embed, k_layers, k_proj, k_out = jax.random.split(key, 4)
-  hidden_std = (2.0 / (5 * D)) ** 0.5
-  vocab_std = (2.0 / (V + D)) ** 0.5
-
-  def layer(k, i):
-    kq, kk, kv, ku, kg = jax.random.split(k, 5)
-    mlp_std = hidden_std * jnp.sqrt(1.0 / (2.0 * (i + 1.0)))
-    return {
-        "attn_norm": jnp.ones((D,), pd),
-        "attn": {"q": _tn(kq, (D, HD), hidden_std, pd), "k": _tn(kk, (D, HD), hidden_std, pd),
-                 "v": _tn(kv, (D, HD), hidden_std, pd), "o": jnp.zeros((HD, D), pd)},
-        "mlp_norm": jnp.ones((D,), pd),
-        "mlp": {"up": (_tn(ku, (D, F), 1.0, pd) * mlp_std).astype(pd),
-                "gate": (_tn(kg, (D, F), 1.0, pd) * mlp_std).astype(pd),
-                "down": jnp.zeros((F, D), pd)},
-    }
-
-  layers = jax.vmap(layer)(jax.random.split(k_layers, N), jnp.arange(N, dtype=jnp.float32))
-  head = {"norm": jnp.ones((D,), pd), "out": _tn(k_out, (D, V), vocab_std, pd)}
-  if cfg.head == "mlp":
-    head["proj"] = _tn(k_proj, (D, D), hidden_std, pd)
-    head["out_bias"] = jnp.zeros((V,), pd)
-  return {"embed": _tn(k_embed, (V, D), vocab_std, pd), "layers": layers, "head": head}
+def _hidden_std(d_model: int) -> float:
+  return (2.0 / (5 * d_model)) ** 0.5
 
 
-def count_params(params_or_cfg: Params | ModelConfig) -> dict[str, int]:
-  """{'total', 'non_embedding'}; non-embedding excludes the vocabulary-sized tensors.
+def _vocab_std(cfg: ModelConfig) -> float:
+  return (2.0 / (cfg.vocab_size + cfg.d_model)) ** 0.5
 
-  Excluded: input embedding [V, D], output matrix [D, V] and output bias [V]. For the paper
-  config: total 468 700 160, non-embedding 363 791 360 (the paper's ≈470M / ≈360M).
-  """
-  params = params_or_cfg
-  if isinstance(params_or_cfg, ModelConfig):
-    params = jax.eval_shape(functools.partial(init, params_or_cfg), jax.random.key(0))
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  vocab = int(np.prod(params["embed"].shape)) + int(np.prod(params["head"]["out"].shape))
-  if "out_bias" in params["head"]:
-    vocab += int(np.prod(params["head"]["out_bias"].shape))
-  return {"total": total, "non_embedding": total - vocab}
+
+def _param(module: nn.Module, name: str, init: Callable[..., jax.Array], shape: tuple[int, ...],
+           axes: tuple[str, ...], dtype: Any) -> jax.Array:
+  """Declares a parameter with its initializer and logical axes (one per dimension)."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """A logical sharding constraint (a no-op unless the caller set mesh rules)."""
+  return nn.with_logical_constraint(x, axes)
 
 
 # ------------------------------------------------------------------------------------------------
-# Forward.
+# Layers.
 
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   """fp32 RMSNorm with a learned scale."""
@@ -169,27 +155,95 @@ def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return out.astype(x_BxLxNxH.dtype)
 
 
-def _dense(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
   """x @ w with inputs in `dtype`, fp32 accumulation, fp32 result."""
   return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype),
                     preferred_element_type=jnp.float32)
 
 
-def _block(cfg: ModelConfig, kind: str, x_BxLxD, layer, segment_ids_BxL, bidir_BxL, positions_BxL):
-  B, L, _ = x_BxLxD.shape
-  dt = cfg.dtype
-  h = rms_norm(x_BxLxD, layer["attn_norm"], cfg.norm_eps)
-  heads = lambda w: _dense(h, w, dt).reshape(B, L, cfg.num_heads, cfg.head_dim).astype(dt)
-  q_BxLxNxH = rope(heads(layer["attn"]["q"]), positions_BxL, cfg.rope_theta)
-  k_BxLxNxH = rope(heads(layer["attn"]["k"]), positions_BxL, cfg.rope_theta)
-  v_BxLxNxH = heads(layer["attn"]["v"])
-  a_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, bidir_BxL,
-                               kind=kind, impl=cfg.attention_impl)
-  x_BxLxD = x_BxLxD + _dense(a_BxLxNxH.reshape(B, L, -1), layer["attn"]["o"], dt)
-  h = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.norm_eps)
-  up_BxLxF = _dense(h, layer["mlp"]["up"], dt)
-  gate_BxLxF = _dense(h, layer["mlp"]["gate"], dt)
-  return x_BxLxD + _dense(up_BxLxF * jax.nn.silu(gate_BxLxF), layer["mlp"]["down"], dt)
+class Attention(nn.Module):
+  """Multi-head self-attention with RoPE and document/bidirectional masking."""
+  cfg: ModelConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, h_BxLxD, segment_ids_BxL, bidir_BxL, positions_BxL):
+    cfg, dt = self.cfg, self.cfg.dtype
+    B, L, D = h_BxLxD.shape
+    HD, pd = cfg.num_heads * cfg.head_dim, jnp.dtype(cfg.param_dtype)
+    std = _hidden_std(D)
+    w = {n: _param(self, n, _tn(std), (D, HD), ("embed", "heads"), pd) for n in ("q", "k", "v")}
+    w_o = _param(self, "o", nn.initializers.zeros, (HD, D), ("heads", "embed"), pd)
+
+    def heads(x):
+      x = dense(h_BxLxD, x, dt).reshape(B, L, cfg.num_heads, cfg.head_dim).astype(dt)
+      return _constrain(x, (BATCH, LENGTH, HEADS_ACT, KV))
+    q_BxLxNxH = rope(heads(w["q"]), positions_BxL, cfg.rope_theta)
+    k_BxLxNxH = rope(heads(w["k"]), positions_BxL, cfg.rope_theta)
+    v_BxLxNxH = heads(w["v"])
+    a_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, bidir_BxL,
+                                 kind=self.kind, impl=cfg.attention_impl)
+    a_BxLxNxH = _constrain(a_BxLxNxH, (BATCH, LENGTH, HEADS_ACT, KV))
+    return dense(a_BxLxNxH.reshape(B, L, HD), w_o, dt)
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(up(x) * silu(gate(x))); up/gate of layer i scaled by sqrt(1 / (2 (i + 1)))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxLxD, layer):
+    cfg, dt = self.cfg, self.cfg.dtype
+    D, F, pd = cfg.d_model, cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
+    std = _hidden_std(D) * jnp.sqrt(1.0 / (2.0 * (layer.astype(jnp.float32) + 1.0)))
+    up = _param(self, "up", _tn(std), (D, F), ("embed", "mlp"), pd)
+    gate = _param(self, "gate", _tn(std), (D, F), ("embed", "mlp"), pd)
+    down = _param(self, "down", nn.initializers.zeros, (F, D), ("mlp", "embed"), pd)
+    up_BxLxF = _constrain(dense(h_BxLxD, up, dt), (BATCH, LENGTH, MLP_ACT))
+    gate_BxLxF = _constrain(dense(h_BxLxD, gate, dt), (BATCH, LENGTH, MLP_ACT))
+    return dense(up_BxLxF * jax.nn.silu(gate_BxLxF), down, dt)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder block; a scan body: (x, inputs) -> (x, None)."""
+  cfg: ModelConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL, bidir_BxL, positions_BxL, layer):
+    cfg = self.cfg
+    ones = nn.initializers.ones
+    pd = jnp.dtype(cfg.param_dtype)
+    attn_norm = _param(self, "attn_norm", ones, (cfg.d_model,), ("norm",), pd)
+    mlp_norm = _param(self, "mlp_norm", ones, (cfg.d_model,), ("norm",), pd)
+    h = rms_norm(x_BxLxD, attn_norm, cfg.norm_eps)
+    x_BxLxD = x_BxLxD + Attention(cfg, self.kind, name="attn")(h, segment_ids_BxL, bidir_BxL,
+                                                               positions_BxL)
+    x_BxLxD = _constrain(x_BxLxD, (BATCH, LENGTH, EMBED))
+    h = rms_norm(x_BxLxD, mlp_norm, cfg.norm_eps)
+    x_BxLxD = x_BxLxD + Mlp(cfg, name="mlp")(h, layer)
+    return _constrain(x_BxLxD, (BATCH, LENGTH, EMBED)), None
+
+
+class Head(nn.Module):
+  """Output head -> fp32 logits; usable alone: `Head(cfg).apply({'params': params['head']}, x)`."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg, dt = self.cfg, self.cfg.dtype
+    D, V, pd = cfg.d_model, cfg.vocab_size, jnp.dtype(cfg.param_dtype)
+    norm = _param(self, "norm", nn.initializers.ones, (D,), ("norm",), pd)
+    h = rms_norm(x_BxLxD, norm, cfg.norm_eps)
+    if cfg.head == "mlp":
+      proj = _param(self, "proj", _tn(_hidden_std(D)), (D, D), ("embed", "embed_out"), pd)
+      h = jax.nn.gelu(dense(h, proj, dt), approximate=True)
+    out = _param(self, "out", _tn(_vocab_std(cfg)), (D, V), ("embed", "vocab"), pd)
+    logits_BxLxV = dense(h, out, dt)
+    if cfg.head == "mlp":
+      bias = _param(self, "out_bias", nn.initializers.zeros, (V,), ("vocab",), pd)
+      logits_BxLxV = logits_BxLxV + bias.astype(jnp.float32)
+    return _constrain(logits_BxLxV, (BATCH, LENGTH, VOCAB_ACT))
 
 
 def _bidir_flags(mode: str, B: int, L: int, prefix_len_B: Any, bidir_BxL: Any):
@@ -217,62 +271,114 @@ def _bidir_flags(mode: str, B: int, L: int, prefix_len_B: Any, bidir_BxL: Any):
   return mode, None
 
 
-def apply_hidden(params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, *,
-                 cfg: ModelConfig, mode: str = "causal", prefix_len_B: Any = None,
-                 bidir_BxL: jax.Array | None = None,
-                 positions_BxL: jax.Array | None = None) -> jax.Array:
-  """Final residual stream [B, L, D] (fp32), before the output head. See `apply`."""
-  if jnp.ndim(tokens_BxL) != 2:
-    raise ValueError(f"tokens_BxL must be 2-D [batch, length], got shape {jnp.shape(tokens_BxL)}")
-  B, L = jnp.shape(tokens_BxL)
-  if tuple(jnp.shape(segment_ids_BxL)) != (B, L):
-    raise ValueError(f"segment_ids_BxL must have shape {(B, L)}, got {jnp.shape(segment_ids_BxL)}")
-  if L > cfg.max_seq_len:
-    raise ValueError(f"sequence length {L} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-  kind, bidir_BxL = _bidir_flags(mode, B, L, prefix_len_B, bidir_BxL)
-  if positions_BxL is None:
-    positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-  segment_ids_BxL = jnp.asarray(segment_ids_BxL, jnp.int32)
+class Transformer(nn.Module):
+  """Embedding -> scanned blocks -> head. Position i attends j iff same segment and (j <= i or
+  both bidir).
 
-  x_BxLxD = jnp.take(params["embed"], tokens_BxL, axis=0).astype(jnp.float32)
+  mode: 'causal' (no bidir), 'bidirectional' (all), 'prefix' (positions < prefix_len_B[b]; an int
+  applies to every row). `bidir_BxL` (per-token flags) overrides `mode`. Positions default to
+  arange(L) in the packed row. `return_hidden` returns the final residual stream [B, L, D] (fp32)
+  instead of the logits (then apply `Head`).
+  """
+  cfg: ModelConfig
 
-  def body(x, layer):
-    return _block(cfg, kind, x, layer, segment_ids_BxL, bidir_BxL, positions_BxL), None
+  @nn.compact
+  def __call__(self, tokens_BxL, segment_ids_BxL, *, mode: str = "causal",
+               prefix_len_B: Any = None, bidir_BxL: Any = None, positions_BxL: Any = None,
+               return_hidden: bool = False):
+    cfg = self.cfg
+    if jnp.ndim(tokens_BxL) != 2:
+      raise ValueError(f"tokens_BxL must be 2-D [batch, length], got shape {jnp.shape(tokens_BxL)}")
+    B, L = jnp.shape(tokens_BxL)
+    if tuple(jnp.shape(segment_ids_BxL)) != (B, L):
+      raise ValueError(f"segment_ids_BxL must have shape {(B, L)}, got {jnp.shape(segment_ids_BxL)}")
+    if L > cfg.max_seq_len:
+      raise ValueError(f"sequence length {L} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    kind, bidir_BxL = _bidir_flags(mode, B, L, prefix_len_B, bidir_BxL)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    segment_ids_BxL = jnp.asarray(segment_ids_BxL, jnp.int32)
 
-  policy = _remat_policy(cfg.remat)
-  if policy is not None:
-    body = jax.checkpoint(body, policy=None if policy == "full" else policy)
-  if cfg.scan_layers:
-    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, params["layers"])
-  else:
-    for i in range(cfg.num_layers):
-      x_BxLxD, _ = body(x_BxLxD, jax.tree.map(lambda p, i=i: p[i], params["layers"]))
-  return x_BxLxD
+    embed = _param(self, "embed", _tn(_vocab_std(cfg)), (cfg.vocab_size, cfg.d_model),
+                   ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
+    x_BxLxD = jnp.take(embed, tokens_BxL, axis=0).astype(jnp.float32)
+    x_BxLxD = _constrain(x_BxLxD, (BATCH, LENGTH, EMBED))
+
+    block = Block
+    policy = remat_policy(cfg.remat)
+    if policy is not None:
+      block = nn.remat(Block, policy=None if policy == "full" else policy)
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                    length=cfg.num_layers, unroll=1 if cfg.scan_layers else cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxLxD, _ = stack(cfg, kind, name="layers")(
+        x_BxLxD, segment_ids_BxL, bidir_BxL, positions_BxL, jnp.arange(cfg.num_layers))
+    if return_hidden:
+      return x_BxLxD
+    return Head(cfg, name="head")(x_BxLxD)
 
 
-def head(params: Params, x_BxLxD: jax.Array, *, cfg: ModelConfig) -> jax.Array:
-  """Output head: fp32 logits [B, L, V]."""
-  hp = params["head"]
-  h = rms_norm(x_BxLxD, hp["norm"], cfg.norm_eps)
-  if cfg.head == "mlp":
-    h = jax.nn.gelu(_dense(h, hp["proj"], cfg.dtype), approximate=True)
-  logits_BxLxV = _dense(h, hp["out"], cfg.dtype)
-  if "out_bias" in hp:
-    logits_BxLxV = logits_BxLxV + hp["out_bias"].astype(jnp.float32)
-  return logits_BxLxV
+# ------------------------------------------------------------------------------------------------
+# Functional API.
+
+def _dummy_inputs() -> tuple[jax.Array, jax.Array]:
+  return jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+
+
+def init_boxed(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Parameters wrapped in their `nn.LogicallyPartitioned` metadata."""
+  return Transformer(cfg).init({"params": key}, *_dummy_inputs())["params"]
+
+
+def init(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Parameters with the §2 init (a plain pytree, see the module docstring)."""
+  return nn.meta.unbox(init_boxed(cfg, key))
+
+
+@functools.lru_cache(maxsize=64)
+def _logical_axes(cfg: ModelConfig) -> Params:
+  boxed = jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+  """The params tree with each leaf's logical axis names, e.g. ('layers', 'embed', 'heads')."""
+  return _logical_axes(cfg)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+  """ShapeDtypeStructs of the parameters (no memory)."""
+  return jax.eval_shape(functools.partial(init, cfg), jax.random.key(0))
 
 
 def apply(params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, *,
           cfg: ModelConfig, mode: str = "causal", prefix_len_B: Any = None,
-          bidir_BxL: jax.Array | None = None,
-          positions_BxL: jax.Array | None = None) -> jax.Array:
-  """Logits [B, L, V] (fp32). Position i attends j iff same segment and (j <= i or both bidir).
+          bidir_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None,
+          return_hidden: bool = False) -> jax.Array:
+  """Logits [B, L, V] (fp32) of `Transformer(cfg)`; see its docstring for the arguments."""
+  return Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, mode=mode,
+                                prefix_len_B=prefix_len_B, bidir_BxL=bidir_BxL,
+                                positions_BxL=positions_BxL, return_hidden=return_hidden)
 
-  mode: 'causal' (no bidir), 'bidirectional' (all), 'prefix' (positions < prefix_len_B[b]; an
-  int applies to every row). `bidir_BxL` (per-token flags) overrides `mode`. Positions default
-  to arange(L) in the packed row.
+
+def head(params: Params, x_BxLxD: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+  """The output head on a final residual stream: fp32 logits [B, L, V]."""
+  return Head(cfg).apply({"params": params["head"]}, x_BxLxD)
+
+
+def count_params(params_or_cfg: Params | ModelConfig) -> dict[str, int]:
+  """{'total', 'non_embedding'}; non-embedding excludes the vocabulary-sized tensors.
+
+  Excluded: input embedding [V, D], output matrix [D, V] and output bias [V]. For the paper
+  config: total 468 700 160, non-embedding 363 791 360 (the paper's ≈470M / ≈360M).
   """
-  x_BxLxD = apply_hidden(params, tokens_BxL, segment_ids_BxL, cfg=cfg, mode=mode,
-                         prefix_len_B=prefix_len_B, bidir_BxL=bidir_BxL,
-                         positions_BxL=positions_BxL)
-  return head(params, x_BxLxD, cfg=cfg)
+  params = params_or_cfg
+  if isinstance(params_or_cfg, ModelConfig):
+    params = abstract_params(params_or_cfg)
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  vocab = int(np.prod(params["embed"].shape)) + int(np.prod(params["head"]["out"].shape))
+  if "out_bias" in params["head"]:
+    vocab += int(np.prod(params["head"]["out_bias"].shape))
+  return {"total": total, "non_embedding": total - vocab}

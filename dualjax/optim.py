@@ -15,6 +15,7 @@ for non-square kernels; for square ones NS5(W^T) = NS5(W)^T up to bf16 rounding.
 (stacked layers) are batch axes: every 2-D matrix is orthogonalised on its own.
 """
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -22,8 +23,6 @@ import jax.numpy as jnp
 import optax
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-MUON_ROLES = frozenset({"q", "k", "v", "o", "up", "gate", "down", "proj"})
-ADAMW_ROLES = frozenset({"embed", "out", "out_bias", "norm", "attn_norm", "mlp_norm"})
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 
 
@@ -118,32 +117,59 @@ def adamw(learning_rate: ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.95,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _role(path) -> str:
-  last = path[-1]
-  return str(getattr(last, "key", getattr(last, "name", last)))
+HIDDEN_AXES = frozenset({"embed", "heads", "mlp", "embed_out"})
+ADAMW_AXES = frozenset({"vocab", "norm"})
 
 
-def param_labels(params: Any) -> Any:
-  """'muon' or 'adamw' for every leaf, by its role (leaf name)."""
-  def label(path, _):
-    role = _role(path)
-    if role in MUON_ROLES:
-      return "muon"
-    if role in ADAMW_ROLES:
-      return "adamw"
-    raise ValueError(f"param_labels: no optimizer role for parameter {jax.tree_util.keystr(path)}")
-  return jax.tree_util.tree_map_with_path(label, params)
+def role(axes: Any) -> str | None:
+  """'muon' for a 2-D hidden matrix (its logical axes, leading 'layers' aside, are two hidden
+  axes), 'adamw' for vocabulary-sized tensors and norm scales, None if the axes say neither."""
+  if not isinstance(axes, tuple):
+    return None
+  axes = tuple(a for a in axes if a != "layers")
+  if len(axes) == 2 and set(axes) <= HIDDEN_AXES:
+    return "muon"
+  if axes and set(axes) & ADAMW_AXES and set(axes) <= ADAMW_AXES | HIDDEN_AXES:
+    return "adamw"
+  return None
 
 
-def make_optimizer(learning_rate: ScalarOrSchedule, *, weight_decay: float = 0.1,
-                   momentum: float = 0.95, ns_steps: int = 5, b1: float = 0.9, b2: float = 0.95,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-  """Muon for q/k/v/o/up/gate/down/head proj, AdamW for embedding, output, bias and norms."""
+def param_labels(logical_axes: Any) -> Any:
+  """'muon' or 'adamw' for every parameter, from its declared logical axes."""
+  def label(path, axes):
+    r = role(axes)
+    if r is None:
+      raise ValueError(f"param_labels: no optimizer role for parameter "
+                       f"{jax.tree_util.keystr(path)} (logical axes {axes!r})")
+    return r
+  return jax.tree_util.tree_map_with_path(label, logical_axes,
+                                          is_leaf=lambda x: isinstance(x, tuple) or x is None)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The optimizer's hyper-parameters; defaults are the paper's (DESIGN.md §5)."""
+  learning_rate: float = 0.007
+  weight_decay: float = 0.1
+  warmup_steps: int = 0
+  decay_fraction: float = 0.25
+  momentum: float = 0.95
+  ns_steps: int = 5
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+
+
+def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
+                   cfg: OptimConfig = OptimConfig()) -> optax.GradientTransformation:
+  """Muon for the hidden matrices, AdamW for embedding, output, bias and norms (routed by the
+  parameters' logical axes, `dualjax.model.logical_axes`); `cfg.learning_rate` is not used."""
   return optax.multi_transform(
-      {"muon": muon(learning_rate, momentum=momentum, ns_steps=ns_steps,
-                    weight_decay=weight_decay),
-       "adamw": adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)},
-      param_labels)
+      {"muon": muon(learning_rate, momentum=cfg.momentum, ns_steps=cfg.ns_steps,
+                    weight_decay=cfg.weight_decay),
+       "adamw": adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay)},
+      param_labels(logical_axes))
 
 
 def wsd_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0,
@@ -165,18 +191,19 @@ def wsd_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0,
       boundaries=[warmup_steps, stable_end])
 
 
-_CONFIG_FIELDS = ("learning_rate", "weight_decay", "warmup_steps", "decay_fraction", "momentum",
-                  "ns_steps", "b1", "b2", "eps")
-
-
-def make_optimizer_from_config(optim_cfg: Any, *, total_steps: int) -> optax.GradientTransformation:
-  """`make_optimizer` with the WSD schedule from an `optim` config section."""
-  c = dict(optim_cfg.to_dict() if hasattr(optim_cfg, "to_dict") else optim_cfg)
-  unknown = sorted(set(c) - set(_CONFIG_FIELDS))
+def optim_config(section: Any) -> OptimConfig:
+  """An `optim` config section (ConfigDict or dict) as an OptimConfig; unknown fields raise."""
+  c = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+  known = [f.name for f in dataclasses.fields(OptimConfig)]
+  unknown = sorted(set(c) - set(known))
   if unknown:
-    raise ValueError(f"optim: unknown config field(s) {unknown}; known: {list(_CONFIG_FIELDS)}")
-  sched = wsd_schedule(c.get("learning_rate", 0.007), total_steps, c.get("warmup_steps", 0),
-                       c.get("decay_fraction", 0.25))
-  return make_optimizer(sched, weight_decay=c.get("weight_decay", 0.1),
-                        momentum=c.get("momentum", 0.95), ns_steps=c.get("ns_steps", 5),
-                        b1=c.get("b1", 0.9), b2=c.get("b2", 0.95), eps=c.get("eps", 1e-8))
+    raise ValueError(f"optim: unknown config field(s) {unknown}; known: {known}")
+  return OptimConfig(**c)
+
+
+def make_optimizer_from_config(section: Any, logical_axes: Any, *, total_steps: int
+                               ) -> optax.GradientTransformation:
+  """`make_optimizer` with the WSD schedule from an `optim` config section."""
+  c = optim_config(section)
+  sched = wsd_schedule(c.learning_rate, total_steps, c.warmup_steps, c.decay_fraction)
+  return make_optimizer(sched, logical_axes, c)

@@ -32,6 +32,7 @@ import grain
 import numpy as np
 
 from dualjax import prepare as prepare_lib
+from dualjax.errors import ConfigError
 from dualjax.special_tokens import PAD
 
 
@@ -97,6 +98,18 @@ def _check_positive(**kw: int) -> None:
   for k, v in kw.items():
     if not isinstance(v, (int, np.integer)) or v < 1:
       raise PipelineError(f"{k}={v!r} must be a positive integer")
+
+
+def check_config(data: Any, max_seq_len: int, process_count: int) -> None:
+  """The checks of a run's `data` section that the pipeline owns (shapes, hosts)."""
+  if not 1 <= data.seq_len <= max_seq_len:
+    raise ConfigError(f"data.seq_len={data.seq_len} must be in [1, model.max_seq_len={max_seq_len}]")
+  for name in ("repetitions", "global_batch"):
+    if getattr(data, name) < 1:
+      raise ConfigError(f"data.{name} must be >= 1, got {getattr(data, name)}")
+  if data.global_batch % process_count:
+    raise ConfigError(f"data.global_batch={data.global_batch} is not divisible by the "
+                        f"{process_count} processes")
 
 
 def _hosts(global_batch: int, process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -1,7 +1,15 @@
 """Tokenize a text source into ArrayRecord shards plus a JSON manifest (DESIGN.md §6).
 
-  python -m dualjax.prepare --source=embedded --out=/tmp/prep --vocab_size=2048
-  python -m dualjax.prepare --source='/data/hplt2/*.jsonl.zst' --out=DIR --tokenizer=sp.model
+  python -m dualjax.prepare --config.data.source=embedded --config.data.prepared_dir=/tmp/prep \
+      --config.model.vocab_size=2048
+  python -m dualjax.prepare --config=configs/rep1.py:tiny --config.data.prepared_dir=DIR
+      (exactly the data that training with that config would prepare)
+  python -m dualjax.prepare --config.data.source='/data/hplt2/*.jsonl.zst' \
+      --config.data.prepared_dir=DIR --config.data.tokenizer=sp.model
+
+The fields are the run config's: data.source, data.prepared_dir (the output), data.tokenizer (a
+SentencePiece model; empty = train a BPE tokenizer of model.vocab_size), data.num_workers,
+data.val_fraction.
 
 Output directory:
   manifest.json          counts, tokenizer checksum, source description and input fingerprint
@@ -17,7 +25,6 @@ an existing output, and re-running on unchanged input (same fingerprint, tokeniz
 does nothing.
 """
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -27,13 +34,16 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tqdm
+from absl import flags
 from array_record.python import array_record_module
 
+from dualjax import cli
 from dualjax import sources as sources_lib
+from dualjax.errors import ConfigError
 from dualjax import tokenizer as tok_lib
 from dualjax.sources import SourceError
 from dualjax.tokenizer import TokenizerError
@@ -157,6 +167,30 @@ def load_tokenizer(prepared_dir: str | os.PathLike) -> tok_lib.Tokenizer:
   if tok.checksum != m["tokenizer"]["checksum"]:
     raise PrepareError(f"{prepared_dir}/{m['tokenizer']['file']}: checksum differs from the manifest")
   return tok
+
+
+def check_vocab(tok: tok_lib.Tokenizer, vocab_size: int, where: Any) -> None:
+  """The model's vocabulary must hold every id of the tokenizer."""
+  if tok.vocab_size > vocab_size:
+    raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
+                       f"{tok.vocab_size} ({where})")
+
+
+def check_config(data: Any, vocab_size: int) -> None:
+  """The checks of a run's `data` section that need no work: source spec, tokenizer, vocab."""
+  if not data.source and not data.prepared_dir:
+    raise ConfigError("data.source is empty: give a file/glob/dir, 'embedded' or 'tfds:...'")
+  if vocab_size < tok_lib.NUM_SPECIAL:
+    raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the "
+                       f"{tok_lib.NUM_SPECIAL} special tokens")
+  if data.tokenizer and not pathlib.Path(data.tokenizer).is_file():
+    raise ConfigError(f"data.tokenizer: file not found: {data.tokenizer}")
+  prepared = pathlib.Path(data.prepared_dir) if data.prepared_dir else None
+  if data.tokenizer or (prepared and (prepared / MANIFEST).is_file()):
+    tok = tok_lib.load_tokenizer(data.tokenizer) if data.tokenizer else load_tokenizer(prepared)
+    check_vocab(tok, vocab_size, data.tokenizer or prepared)
+  if data.source:
+    sources_lib.open_source(data.source)  # a bad source fails here, before anything is written
 
 
 def prepare(source: str, out_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
@@ -301,29 +335,20 @@ def _prepare_into(src: sources_lib.Source, tmp: pathlib.Path, tok, tokenizer_pat
   }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(
-      prog="python -m dualjax.prepare", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Sources: " + sources_lib.__doc__.split("\n", 1)[1])
-  ap.add_argument("--source", required=True, help="'embedded', 'embedded:kjv', a file/glob/dir "
-                  "(.txt, .jsonl, .jsonl.zst, .parquet), or 'tfds:name[/config][:version]@data_dir'")
-  ap.add_argument("--out", required=True, help="output directory")
-  g = ap.add_mutually_exclusive_group()
-  g.add_argument("--tokenizer", default=None, help="SentencePiece .model to use")
-  g.add_argument("--vocab_size", type=int, default=51_200, help="train a BPE tokenizer of this size")
-  ap.add_argument("--num_workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
-  ap.add_argument("--val_fraction", type=float, default=0.005, help="held-out share of documents")
-  ap.add_argument("--shard_mb", type=int, default=256, help="ArrayRecord shard size in MB")
-  a = ap.parse_args(argv)
-  try:
-    prepare(a.source, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
-            num_workers=a.num_workers, val_fraction=a.val_fraction, shard_bytes=a.shard_mb << 20)
-  except DATA_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def main(argv: list[str]) -> int:
+  config = cli.define_config()
+  shard_mb = flags.DEFINE_integer("shard_mb", 256, "ArrayRecord shard size in MB")
+  cfg = cli.parse(argv, __doc__ + "\nSources: " + sources_lib.__doc__.split("\n", 1)[1],
+                  sys.modules[__name__], config)
+  d = cfg.data
+  if not d.prepared_dir:
+    cli.fail("--config.data.prepared_dir is required (the output directory)")
+  if not d.source:
+    cli.fail("--config.data.source is required ('embedded', a file/glob/dir, or tfds:...)")
+  prepare(d.source, d.prepared_dir, tokenizer=d.tokenizer or None, vocab_size=cfg.model.vocab_size,
+          num_workers=d.num_workers, val_fraction=d.val_fraction, shard_bytes=shard_mb.value << 20)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, DATA_ERRORS)

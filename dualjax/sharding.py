@@ -1,79 +1,87 @@
-"""Logical-axis sharding of parameters and optimizer state (DESIGN.md §4).
+"""Logical-axis sharding of parameters, optimizer state and activations (DESIGN.md §4).
 
-Each parameter gets logical axis names from its role (its leaf name); the config's rules map
-logical names to mesh axes, e.g. ('embed', 'fsdp') shards every hidden-size dimension over 'fsdp'
-(FSDP) and ('mlp', 'tensor') the MLP width over 'tensor'. A rule is skipped for a dimension its
-mesh axis does not divide, and a mesh axis is used at most once per tensor.
+Every parameter declares its logical axes in the model (`dualjax.model.logical_axes`); the
+config's rules map logical names to mesh axes (Flax's `nn.logical_to_mesh_axes`), e.g.
+('embed', 'fsdp') shards every hidden-size dimension over 'fsdp' (FSDP), ('mlp', 'tensor') the
+MLP width over 'tensor', ('activation_batch', ('replica', 'fsdp')) the rows of activations. A mesh
+axis of size 1, or one that does not divide the dimension, is dropped (that dimension stays
+replicated), so one rule set serves every mesh.
 """
 
-from typing import Any, Sequence
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Leaf name -> logical axes of its trailing dimensions (a leading scanned-layer axis is 'layers').
-LOGICAL_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"),
-    "o": ("heads", "embed"),
-    "up": ("embed", "mlp"), "gate": ("embed", "mlp"), "down": ("mlp", "embed"),
-    "proj": ("embed", "embed_out"),
-    "out": ("embed", "vocab"), "out_bias": ("vocab",),
-}
+Rules = Sequence[tuple[str, Any]]
 
-DEFAULT_RULES: tuple[tuple[str, str], ...] = (
-    ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor"))
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("mlp", "tensor"),
+    ("activation_batch", ("replica", "fsdp")), ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
 
 
-def _leaf_name(path: Sequence[Any]) -> str:
-  last = path[-1]
-  return str(getattr(last, "key", getattr(last, "name", last)))
+def normalize_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
+  """Rules as a tuple of (logical name, mesh axis | tuple of mesh axes | None)."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"a rule must be (logical name, mesh axis or axes), got {rule!r}")
+    name, axes = rule
+    out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+  return tuple(out)
 
 
-def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
-  axes = LOGICAL_AXES.get(_leaf_name(path), ())
-  if len(axes) > ndim:
-    axes = axes[-ndim:]
-  return (None,) * (ndim - len(axes)) + tuple(axes)
+def _mesh_axes_of(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
-             rules: Sequence[tuple[str, str]]) -> P:
-  rule = dict(rules)
-  used: set[str] = set()
-  out: list[str | None] = []
-  for dim, name in zip(shape, axes):
-    mesh_axis = rule.get(name) if name else None
-    if (mesh_axis and mesh_axis not in used and mesh.shape.get(mesh_axis, 1) > 1
-        and dim % mesh.shape[mesh_axis] == 0):
-      out.append(mesh_axis)
-      used.add(mesh_axis)
-    else:
-      out.append(None)
+def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Rules) -> P:
+  """The mesh PartitionSpec of one array with logical `axes`, fitted to `mesh` and `shape`."""
+  rules = normalize_rules(rules)
+  for name, entry in rules:
+    for a in _mesh_axes_of(entry):
+      if a not in mesh.shape:
+        raise ValueError(f"rule ({name!r}, {entry!r}) names mesh axis {a!r}; the mesh has "
+                         f"{tuple(mesh.axis_names)}")
+  logical = nn.logical_to_mesh_axes(tuple(axes), rules)
+  out: list[Any] = []
+  for dim, entry in zip(shape, logical):
+    kept: list[str] = []
+    for a in _mesh_axes_of(entry):
+      if mesh.shape[a] > 1 and dim % math.prod(mesh.shape[k] for k in (*kept, a)) == 0:
+        kept.append(a)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*out)
 
 
-def param_shardings(abstract_params: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> Any:
-  """NamedShardings for a params pytree (arrays or ShapeDtypeStructs)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, spec_for(x.shape, logical_axes(path, x.ndim), mesh, rules)),
-      abstract_params)
+def param_shardings(logical_axes: Any, abstract_params: Any, mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES) -> Any:
+  """NamedShardings for a params pytree from its logical axes (`model.logical_axes(cfg)`)."""
+  return jax.tree.map(
+      lambda axes, x: NamedSharding(mesh, spec_for(x.shape, axes, mesh, rules)),
+      logical_axes, abstract_params, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _names(path: Sequence[Any]) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def state_shardings(abstract_params: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules: Sequence[tuple[str, str]] = DEFAULT_RULES) -> dict[str, Any]:
+def state_shardings(logical_axes: Any, abstract_params: Any,
+                    optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
   """Shardings of the train state {params, opt_state, step, rng}.
 
   An optimizer-state leaf whose path ends with a parameter's path and has its shape (moments,
   momentum buffers) is sharded like that parameter; anything else (counts) is replicated.
   """
-  p_sh = param_shardings(abstract_params, mesh, rules)
+  p_sh = param_shardings(logical_axes, abstract_params, mesh, rules)
   by_path = {}
   for (path, x), sh in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
                            jax.tree_util.tree_leaves(p_sh)):
@@ -91,3 +99,27 @@ def state_shardings(abstract_params: Any, optimizer: optax.GradientTransformatio
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, abstract_opt)
   return {"params": p_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+
+
+def without_axes(rules: Rules, axes: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+  """`rules` with the mesh axes `axes` removed (e.g. axes that are manual inside a shard_map)."""
+  out = []
+  for name, entry in normalize_rules(rules):
+    kept = tuple(a for a in _mesh_axes_of(entry) if a not in axes)
+    out.append((name, None if not kept else kept[0] if len(kept) == 1 else kept))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh | None, rules: Rules) -> Iterator[None]:
+  """Model code traced inside applies `rules` to its activation constraints.
+
+  Enter it inside the traced function. `mesh` sets the abstract mesh the constraints refer to;
+  None keeps the current one (inside a shard_map body, whose manual axes `rules` must not name:
+  see `without_axes`).
+  """
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nn.logical_axis_rules(normalize_rules(rules)))
+    yield

@@ -1,6 +1,7 @@
 """End-to-end evaluation (library and CLI) on a tiny random model and real task files."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from dualjax import evaluate as ev
+from dualjax.evaluation import suite as ev
 from dualjax.evaluation import prompts, tasks
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +99,16 @@ def test_cli_bad_input_one_line_exit_2(eval_data_dir, tmp_path):
   (bad / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n{"goal": \n')
   (bad / "piqa" / "valid-labels.lst").write_text("0\n1\n")
   cases = [
-      (["--tasks=piqa", f"--data_dir={bad}"], f"{bad / 'piqa' / 'valid.jsonl'}:2: invalid JSON"),
-      (["--tasks=piqa,nope"], "unknown task 'nope'"),
-      (["--modes=ar,pll0"], "unknown scoring mode 'pll0'"),
-      (["--tasks=piqa", "--random_init"], "--random_init needs --tokenizer"),
-      (["--tasks=piqa", "--checkpoint=/nonexistent/ckpt"], "--checkpoint: not found"),
+      (["--config.eval.tasks=piqa", f"--config.eval.data_dir={bad}"],
+       f"{bad / 'piqa' / 'valid.jsonl'}:2: invalid JSON"),
+      (["--config.eval.tasks=piqa,nope"], "unknown task 'nope'"),
+      (["--config.eval.modes=ar,pll0"], "unknown scoring mode 'pll0'"),
+      (["--config.eval.tasks=piqa", "--random_init"], "--random_init needs --config.data.tokenizer"),
+      (["--config.eval.tasks=piqa", "--checkpoint=/nonexistent/ckpt"], "--checkpoint: not found"),
   ]
   for args, msg in cases:
-    r = _cli(*args, f"--out={out}", f"--data_dir={eval_data_dir}" if "--data_dir" not in
-             " ".join(args) else "--limit=1")
+    r = _cli(*args, f"--out={out}", f"--config.eval.data_dir={eval_data_dir}" if "data_dir" not in
+             " ".join(args) else "--config.eval.limit=1")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], r.stderr
@@ -116,8 +120,10 @@ def test_cli_random_init(sp_path, eval_data_dir, tmp_path):
   _need("dualjax.model")
   _need("dualjax.tokenizer")
   out = tmp_path / "res.json"
-  r = _cli("--random_init", "--model=tiny", f"--tokenizer={sp_path}", "--tasks=piqa,arc_challenge",
-           "--modes=ar,pll1", "--limit=2", f"--data_dir={eval_data_dir}", f"--out={out}")
+  r = _cli("--random_init", f"--config={REPO / 'configs' / 'base.py'}:tiny",
+           "--config.model.vocab_size=512", f"--config.data.tokenizer={sp_path}",
+           "--config.eval.tasks=piqa,arc_challenge", "--config.eval.modes=ar,pll1",
+           "--config.eval.limit=2", f"--config.eval.data_dir={eval_data_dir}", f"--out={out}")
   assert r.returncode == 0, r.stderr
   res = json.loads(out.read_text())
   assert set(res["tasks"]) == {"piqa", "arc_challenge"}

@@ -125,14 +125,17 @@ def test_adamw_three_steps_match_numpy_and_eps_placement():
   assert np.abs(np.asarray(ox) - np.asarray(got)).max() > 0.05 * np.abs(want - p0).max()
 
 
+MODEL_CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2,
+                                  head_dim=8, mlp_dim=24, max_seq_len=16)
+AXES = model_lib.logical_axes(MODEL_CFG)  # the routing comes from the declared logical axes
+
+
 def _model_params():
-  cfg = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2, head_dim=8,
-                              mlp_dim=24, max_seq_len=16)
-  return model_lib.init(cfg, jax.random.key(0))
+  return model_lib.init(MODEL_CFG, jax.random.key(0))
 
 
 def test_param_labels_by_role():
-  labels = optim.param_labels(_model_params())
+  labels = optim.param_labels(AXES)
   assert labels["embed"] == labels["head"]["out"] == labels["head"]["out_bias"] == "adamw"
   assert labels["head"]["norm"] == labels["layers"]["attn_norm"] == labels["layers"]["mlp_norm"] == "adamw"
   for name in ("q", "k", "v", "o"):
@@ -141,7 +144,7 @@ def test_param_labels_by_role():
     assert labels["layers"]["mlp"][name] == "muon"
   assert labels["head"]["proj"] == "muon"
   with pytest.raises(ValueError, match=r"no optimizer role for parameter \['extra'\]"):
-    optim.param_labels({"extra": jnp.zeros((2, 2))})
+    optim.param_labels({"extra": ("conv", "kernel")})
   with pytest.raises(ValueError, match="Muon needs matrices"):
     optim.muon(0.1).init({"bias": jnp.zeros((3,))})
 
@@ -157,7 +160,7 @@ def test_qkv_and_up_gate_are_orthogonalised_separately():
       if name in grads["layers"][group]:
         grads["layers"][group][name] = grads["layers"][group][name] * s
   with jax.default_matmul_precision("highest"):
-    tx = optim.make_optimizer(0.01)
+    tx = optim.make_optimizer(0.01, AXES)
     upd, _ = tx.update(grads, tx.init(params), params)
   for group, names in (("attn", ("q", "k", "v")), ("mlp", ("up", "gate"))):
     g_sep = [np.asarray(grads["layers"][group][n][0], np.float64) for n in names]
@@ -179,9 +182,9 @@ def test_make_optimizer_routes_each_role():
   params = _model_params()
   rng = np.random.default_rng(4)
   grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
-  tx = optim.make_optimizer(SCHED, weight_decay=0.1)
+  tx = optim.make_optimizer(SCHED, AXES)
   got = _run(tx, params, [grads] * 3)
-  labels = optim.param_labels(params)
+  labels = optim.param_labels(AXES)
   for (path, lab), p0, g, out in zip(jax.tree_util.tree_leaves_with_path(labels),
                                      jax.tree.leaves(params), jax.tree.leaves(grads),
                                      jax.tree.leaves(got)):
@@ -195,7 +198,7 @@ def test_optimizer_state_shards_like_params():
   from dualjax import sharding  # pylint: disable=import-outside-toplevel
   params = jax.eval_shape(lambda: _model_params())
   mesh = mesh_lib.make_mesh(4, 2, 1)
-  st = sharding.state_shardings(params, optim.make_optimizer(0.01), mesh)
+  st = sharding.state_shardings(AXES, params, optim.make_optimizer(0.01, AXES), mesh)
   p_sh = st["params"]
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(st["opt_state"])}
   q_key = [k for k in flat if k.endswith("['layers']['attn']['q']")]
@@ -223,9 +226,9 @@ def test_make_optimizer_from_config():
              momentum=0.95, ns_steps=5, b1=0.9, b2=0.95, eps=1e-8)
   params = _model_params()
   grads = jax.tree.map(jnp.ones_like, params)
-  a = _run(optim.make_optimizer_from_config(cfg, total_steps=8), params, [grads] * 3)
-  b = _run(optim.make_optimizer(optim.wsd_schedule(0.007, 8)), params, [grads] * 3)
+  a = _run(optim.make_optimizer_from_config(cfg, AXES, total_steps=8), params, [grads] * 3)
+  b = _run(optim.make_optimizer(optim.wsd_schedule(0.007, 8), AXES), params, [grads] * 3)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   with pytest.raises(ValueError, match=r"optim: unknown config field\(s\) \['grad_clip'\]"):
-    optim.make_optimizer_from_config({**cfg, "grad_clip": 1.0}, total_steps=8)
+    optim.make_optimizer_from_config({**cfg, "grad_clip": 1.0}, AXES, total_steps=8)

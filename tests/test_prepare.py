@@ -84,8 +84,9 @@ def test_workers_and_given_tokenizer(tmp_path):
 def test_tfds_source_through_cli(tmp_path):
   """A fresh process reads the TFDS dataset from its data_dir alone (no builder code)."""
   make_tfds(tmp_path / "tfds")
-  r = _cli(f"--source=tfds:dualjax_tiny_text@{tmp_path / 'tfds'}", f"--out={tmp_path / 'o'}",
-           "--vocab_size=300", "--num_workers=1", "--val_fraction=0")
+  r = _cli(f"--config.data.source=tfds:dualjax_tiny_text@{tmp_path / 'tfds'}",
+           f"--config.data.prepared_dir={tmp_path / 'o'}", "--config.model.vocab_size=300",
+           "--config.data.num_workers=1", "--config.data.val_fraction=0")
   assert r.returncode == 0, r.stderr
   m = json.loads((tmp_path / "o" / "manifest.json").read_text())
   assert m["train"]["documents"] == 12 and "TFDS" in m["source_description"]
@@ -98,7 +99,8 @@ def _cli(*args):
 
 def test_cli_help():
   r = _cli("--help")
-  assert r.returncode == 0 and "--source" in r.stdout and "--vocab_size" in r.stdout
+  assert r.returncode == 0 and "--config.data.source" in r.stdout
+  assert "--config.model.vocab_size" in r.stdout
 
 
 @pytest.fixture
@@ -111,19 +113,21 @@ def existing(tmp_path):
 
 
 @pytest.mark.parametrize("make, field", [
-    (lambda d: [f"--source={d / 'nope.jsonl'}"], "nope.jsonl"),
-    (lambda d: [f"--source={d / 'empty.txt'}"], "empty.txt"),
-    (lambda d: [f"--source={d / 'bad.jsonl'}"], "bad.jsonl:2"),
-    (lambda d: ["--source=embedded:shakespeare"], "shakespeare"),
-    (lambda d: ["--source=s3://bucket/x"], "s3"),
-    (lambda d: [f"--source={d / 'src'}", "--vocab_size=10"], "vocab_size=10"),
-    (lambda d: [f"--source={d / 'src'}", f"--tokenizer={d / 'no.model'}"], "no.model"),
+    (lambda d: [f"--config.data.source={d / 'nope.jsonl'}"], "nope.jsonl"),
+    (lambda d: [f"--config.data.source={d / 'empty.txt'}"], "empty.txt"),
+    (lambda d: [f"--config.data.source={d / 'bad.jsonl'}"], "bad.jsonl:2"),
+    (lambda d: ["--config.data.source=embedded:shakespeare"], "shakespeare"),
+    (lambda d: ["--config.data.source=s3://bucket/x"], "s3"),
+    (lambda d: [f"--config.data.source={d / 'src'}", "--config.model.vocab_size=10"],
+     "vocab_size=10"),
+    (lambda d: [f"--config.data.source={d / 'src'}", f"--config.data.tokenizer={d / 'no.model'}"],
+     "no.model"),
 ])
 def test_cli_bad_input(existing, make, field):
   d, out, before = existing
   (d / "empty.txt").write_text("")
   (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "unterminated\n')
-  r = _cli(*make(d), f"--out={out}", "--num_workers=1")
+  r = _cli(*make(d), f"--config.data.prepared_dir={out}", "--config.data.num_workers=1")
   assert r.returncode == 2, r.stderr
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr

@@ -9,8 +9,8 @@ from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import objectives
 from dualjax import sharding
+from dualjax import split as split_lib
 from dualjax import step as step_lib
-from dualjax import train
 
 CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
                             mlp_dim=48, max_seq_len=32, compute_dtype="float32",
@@ -34,7 +34,7 @@ def _batch(rows: int, length: int = 17, seed: int = 0) -> dict[str, np.ndarray]:
   return {"tokens": tokens, "segment_ids": seg}
 
 
-def _reference_grads(params, batch, key, split: mesh_lib.Split):
+def _reference_grads(params, batch, key, split: split_lib.ObjectiveSplit):
   """lam * scale * grad(mean_AR cells L_AR) + (1 - lam) * grad(mean_MDM cells L_MDM), plain jax."""
   R, M = split.replicas, split.microsteps
   B = batch["tokens"].shape[0]
@@ -68,17 +68,17 @@ def _reference_grads(params, batch, key, split: mesh_lib.Split):
 def test_dual_gradient_matches_separate_objectives(mesh_shape, lam, rows, device_split):
   n = int(np.prod(mesh_shape))
   mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:n])
-  split = mesh_lib.make_split(lam, rows, mesh.shape["replica"],
+  split = split_lib.make_split(lam, rows, mesh.shape["replica"],
                               whole_microsteps=mesh.shape["tensor"] > 1)
   assert 0 < split.n_ar < split.cells
   assert (split.n_ar % split.replicas != 0) == device_split
   # Parameters and rows sharded as the trainer shards them.
   params = model_lib.init(CFG, jax.random.key(0))
-  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  params = jax.device_put(params, sharding.param_shardings(model_lib.logical_axes(CFG), params, mesh))
   batch = _batch(rows)
   key = jax.random.key(7)
   grad_fn = jax.jit(step_lib.make_grad_fn(CFG, split, mesh, ar_loss_scale=SCALE, z_loss=1e-4))
-  batch_j = train.to_global(batch, mesh)
+  batch_j = mesh_lib.to_global(batch, mesh)
   grads, metrics = grad_fn(params, batch_j, key)
   want, l_ar, l_mdm = _reference_grads(params, batch, key, split)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
@@ -92,7 +92,7 @@ def test_dual_gradient_matches_separate_objectives(mesh_shape, lam, rows, device
 @pytest.mark.parametrize("lam", [0.0, 1.0])
 def test_single_objective_is_plain(lam):
   mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  split = mesh_lib.make_split(lam, 4, 1)
+  split = split_lib.make_split(lam, 4, 1)
   assert split.microsteps == 1
   params = model_lib.init(CFG, jax.random.key(0))
   batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}

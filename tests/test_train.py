@@ -17,9 +17,13 @@ import pytest
 
 from data_fixtures import embedded_prepared  # noqa: F401  pylint: disable=unused-import
 from dualjax import checkpoint as ckpt_lib
+from dualjax import config_lib
 from dualjax import metrics as metrics_lib
 from dualjax import train as train_lib
-from dualjax.mesh import ConfigError
+from dualjax import trained
+from dualjax import workdir as workdir_lib
+from dualjax.errors import ConfigError
+from dualjax.evaluation import suite
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "rep32.py") + ":tiny"   # lam = 1/2: both objectives
@@ -108,9 +112,9 @@ def test_reference_run_outputs(reference_run):
   assert ckpt_lib.Checkpointer(wd, every=5, keep=2).manager.all_steps() == [55, 60]
   assert (wd / "tensorboard").is_dir() and (wd / "tokenizer.model").is_file()
   assert "lam 0.5 = 4/8 AR cells" in r.stdout + r.stderr
-  params, model_cfg, tok, step = ckpt_lib.load_for_eval(wd)
-  assert step == 60 and model_cfg.d_model == 32 and tok.vocab_size == 1024
-  assert params["embed"].shape == (1024, 32)
+  t = trained.load(wd)
+  assert t.step == 60 and t.model_cfg.d_model == 32 and t.tokenizer.vocab_size == 1024
+  assert t.params["embed"].shape == (1024, 32)
 
 
 @pytest.mark.slow
@@ -224,9 +228,8 @@ def test_bad_starts_fail_in_one_line_and_leave_the_workdir_alone(
 
 
 def test_plan_errors_before_any_write(embedded_prepared, tmp_path):  # noqa: F811
-  from configs import base  # pylint: disable=import-outside-toplevel
   wd = tmp_path / "never"
-  cfg = base.rep_config(32, "tiny")
+  cfg = config_lib.rep_config(32, "tiny")
   cfg.data.source, cfg.data.prepared_dir = "", str(embedded_prepared)
   cfg.data.seq_len = 999
   with pytest.raises(ConfigError, match=r"data.seq_len=999 must be in \[1, model.max_seq_len=128\]"):
@@ -248,9 +251,9 @@ def test_non_finite_loss_stops_with_a_clear_message(embedded_prepared, tmp_path)
   assert m, r.stderr[-2000:]
   bad, good = int(m.group(1)), int(m.group(2))
   assert good == bad - 1 >= 1
-  restored = ckpt_lib.load_for_eval(wd)
-  assert restored[3] == good
-  assert all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(restored[0]))
+  restored = trained.load(wd)
+  assert restored.step == good
+  assert all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(restored.params))
 
 
 @pytest.mark.slow
@@ -271,7 +274,8 @@ def test_evaluate_cli_reads_a_training_workdir(reference_run, eval_data_dir, tmp
   out = tmp_path / "eval.json"
   r = subprocess.run(
       [sys.executable, "-m", "dualjax.evaluate", f"--workdir={reference_run[0]}",
-       "--tasks=arc_easy,piqa", "--limit=6", f"--data_dir={eval_data_dir}",
+       "--config.eval.tasks=arc_easy,piqa", "--config.eval.limit=6",
+       f"--config.eval.data_dir={eval_data_dir}",
        f"--out={out}"], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300,
       check=False)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -283,18 +287,16 @@ def test_evaluate_cli_reads_a_training_workdir(reference_run, eval_data_dir, tmp
 
 
 def test_default_evaluation_modes_follow_the_trained_lambda(reference_run, tmp_path):
-  from dualjax import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  assert eval_lib.trained_lam(reference_run[0]) == 0.5
-  assert eval_lib.trained_lam(reference_run[0] / "checkpoints" / "60") == 0.5
-  assert eval_lib.trained_lam(tmp_path) is None
-  assert eval_lib.supported_modes(1.0) == ("ar",)
-  assert eval_lib.supported_modes(0.0) == ("pll", "mc")
-  assert eval_lib.supported_modes(0.5) == eval_lib.supported_modes(None) == ("ar", "prefix", "pll", "mc")
+  assert workdir_lib.run_lam(reference_run[0]) == 0.5
+  assert workdir_lib.run_lam(reference_run[0] / "checkpoints" / "60") == 0.5
+  assert workdir_lib.run_lam(tmp_path) is None
+  assert suite.supported_modes(1.0) == ("ar",)
+  assert suite.supported_modes(0.0) == ("pll", "mc")
+  assert suite.supported_modes(0.5) == suite.supported_modes(None) == ("ar", "prefix", "pll", "mc")
 
 
 def test_periodic_evaluation_during_training(embedded_prepared, eval_data_dir, tmp_path):  # noqa: F811
-  from configs import base  # pylint: disable=import-outside-toplevel
-  cfg = base.rep_config(32, "tiny")
+  cfg = config_lib.rep_config(32, "tiny")
   for k, v in (OVERRIDES | {"data.prepared_dir": str(embedded_prepared), "train.steps": 4,
                             "data.repetitions": 1, "log.val_every": 0, "eval.every": 2,
                             "eval.tasks": "arc_easy",

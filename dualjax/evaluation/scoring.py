@@ -31,14 +31,14 @@ import zlib
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dualjax import mesh as mesh_lib
+from dualjax import model as model_lib
+from dualjax import objectives
 from dualjax.evaluation import packing
-
-BOS_ID = 1  # `<s>` (DESIGN.md §6; dualjax.tokenizer).
-MASK_ID = 4  # `<mask>`.
+from dualjax.special_tokens import BOS as BOS_ID, MASK as MASK_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,24 +212,20 @@ def _fill(kind: str, k: int, req: Request, seq: np.ndarray, aux: int, tok: np.nd
 ApplyFn = Callable[..., jax.Array]
 
 
-def _default_apply() -> ApplyFn:
-  from dualjax import model  # pylint: disable=import-outside-toplevel
-  return model.apply
-
-
 def attention_kind(kind: str) -> str:
   """How a mode's rows are run: 'causal', 'bidirectional', or 'flags' (per-token bidir)."""
   return {"ar": "causal", "prefix": "flags", "pll": "bidirectional", "mc": "bidirectional"}[kind]
 
 
 class Scorer:
-  """Scores requests in any mode with fixed-shape packed batches on a (1-D data) mesh.
+  """Scores requests in any mode with fixed-shape packed batches, rows sharded over a mesh.
 
   Args:
-    params: model parameters (replicated over the mesh).
+    params: model parameters (kept as they are if already on `mesh`, else replicated over it);
+      `with_params` swaps them without recompiling.
     model_cfg: the model's ModelConfig (needs `max_seq_len`).
-    mesh: a mesh whose devices all shard the rows (default: every device); its axis types are
-      taken as Auto (params replicated, rows split over all axes).
+    mesh: the mesh whose devices all shard the rows (default: every device, `mesh.make_mesh`),
+      e.g. the training mesh.
     row_len: row length for units that fit (longer ones get power-of-two buckets).
     batch_tokens: tokens per device call (rows per batch = batch_tokens // row length, rounded
       down to a multiple of the device count, at least one row per device).
@@ -237,24 +233,31 @@ class Scorer:
       (default dualjax.model.apply).
   """
 
-  def __init__(self, params: Any, model_cfg: Any, *, mesh: jax.sharding.Mesh | None = None,
+  def __init__(self, params: Any, model_cfg: Any, *, mesh: Mesh | None = None,
                row_len: int = 512, batch_tokens: int = 16384,
                apply_fn: ApplyFn | None = None):
     self.cfg = model_cfg
     self.max_len = int(model_cfg.max_seq_len)
     self.row_len = min(row_len, self.max_len)
     self.batch_tokens = batch_tokens
-    # Our own Auto-typed mesh over the given devices: rows are sharded over every axis.
-    devices = np.asarray(jax.devices()) if mesh is None else mesh.devices
-    names = ("data",) if mesh is None else tuple(mesh.axis_names)
-    self.mesh = jax.sharding.Mesh(devices.reshape(-1) if mesh is None else devices, names,
-                                  axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    if mesh is None:
+      mesh = mesh_lib.make_mesh(-1, 1, 1)
+    elif any(t != AxisType.Auto for t in mesh.axis_types):
+      mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+    self.mesh = mesh
     self.n_dev = self.mesh.size
     self.data_sharding = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
-    self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-    self.apply_fn = apply_fn or _default_apply()
+    self.apply_fn = apply_fn or model_lib.apply
     self._fns: dict[str, Any] = {}
     self.stats = {"units": 0, "unit_tokens": 0, "row_tokens": 0, "calls": 0}
+    self.with_params(params)
+
+  def with_params(self, params: Any) -> "Scorer":
+    """Scores with `params` from now on (the compiled functions are kept)."""
+    on_mesh = all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+                  and x.sharding.mesh == self.mesh for x in jax.tree.leaves(params))
+    self.params = params if on_mesh else jax.device_put(params, NamedSharding(self.mesh, P()))
+    return self
 
   def _fn(self, attn: str) -> Any:
     if attn not in self._fns:
@@ -266,14 +269,11 @@ class Scorer:
                                   bidir_BxL=bidir_BxL)
         else:
           logits_BxLxV = apply_fn(params, tokens_BxL, seg_BxL, cfg=cfg, mode=attn)
-        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-        lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-        picked_BxL = jnp.take_along_axis(logits_BxLxV, tgt_BxL[..., None], axis=-1)[..., 0]
-        return picked_BxL - lse_BxL
+        ce_BxL, _ = objectives.token_losses(logits_BxLxV, tgt_BxL)
+        return -ce_BxL
 
       d = self.data_sharding
-      self._fns[attn] = jax.jit(score, in_shardings=(NamedSharding(self.mesh, P()), d, d, d, d),
-                                out_shardings=d)
+      self._fns[attn] = jax.jit(score, in_shardings=(None, d, d, d, d), out_shardings=d)
     return self._fns[attn]
 
   def rows_per_batch(self, row_len: int) -> int:

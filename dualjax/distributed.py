@@ -1,0 +1,33 @@
+"""Multi-process agreement (DESIGN.md §4, §10): every process takes the same branch or none.
+
+All functions are collectives when there is more than one process: every process calls them in
+the same order. With one process they cost nothing.
+"""
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def is_main() -> bool:
+  """Process 0, the one that writes shared files (config, metrics, evaluation results)."""
+  return jax.process_index() == 0
+
+
+def processes_agree(ok: bool) -> bool:
+  """True iff `ok` on every process."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def agree_or_raise(error: BaseException | None, elsewhere: BaseException) -> None:
+  """Raises `error` where it happened and `elsewhere` on the other processes, or nothing."""
+  if not processes_agree(error is None):
+    raise error if error is not None else elsewhere
+
+
+def barrier(name: str) -> None:
+  """Waits for every process to reach the barrier `name`."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,82 @@
+"""The training state {params, opt_state, step, rng}: optimizer, initial value, shardings.
+
+Parameters and optimizer state are sharded by the model's declared logical axes and the config's
+`mesh.rules` (dualjax.sharding); step and rng are replicated. The rng is the key data of
+fold_in(key(seed), 1); the step's noise key is fold_in(rng, step) (dualjax.step).
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dualjax import config_lib
+from dualjax import model as model_lib
+from dualjax import optim
+from dualjax import sharding
+from dualjax.errors import ConfigError
+
+State = dict[str, Any]
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes."""
+  axes = model_lib.logical_axes(config_lib.model_config(cfg))
+  try:
+    return optim.make_optimizer_from_config(cfg.optim, axes, total_steps=cfg.train.steps)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
+
+
+def init_state_fn(seed: int, model_cfg: model_lib.ModelConfig,
+                  optimizer: optax.GradientTransformation) -> Callable[[], State]:
+  """The initial training state as a function of nothing (jit it with out_shardings)."""
+  def init_state():
+    params = model_lib.init(model_cfg, jax.random.key(seed))
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))}
+  return init_state
+
+
+def param_shardings(model_cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh,
+                    rules: sharding.Rules) -> Any:
+  return sharding.param_shardings(model_lib.logical_axes(model_cfg),
+                                  model_lib.abstract_params(model_cfg), mesh, rules)
+
+
+def abstract_params(model_cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh,
+                    rules: sharding.Rules) -> Any:
+  """ShapeDtypeStructs of the parameters with their shardings (what a restore needs)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      model_lib.abstract_params(model_cfg),
+                      param_shardings(model_cfg, mesh, rules))
+
+
+@dataclasses.dataclass
+class StateSpec:
+  """What building or restoring the training state needs."""
+  abstract: State            # ShapeDtypeStructs with shardings
+  shardings: State
+  init: Callable[[], State]  # the initial state (unsharded: jit with out_shardings)
+  optimizer: optax.GradientTransformation
+
+
+def state_spec(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StateSpec:
+  """The state's structure, shardings and initial value for a run config on `mesh`."""
+  mc = config_lib.model_config(cfg)
+  optimizer = make_optimizer(cfg)
+  init = init_state_fn(cfg.seed, mc, optimizer)
+  shardings = sharding.state_shardings(model_lib.logical_axes(mc), model_lib.abstract_params(mc),
+                                       optimizer, mesh, config_lib.rules(cfg))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init), shardings)
+  return StateSpec(abstract, shardings, init, optimizer)
+
+
+def initial_state(spec: StateSpec) -> State:
+  """The initial state, created sharded."""
+  return jax.jit(spec.init, out_shardings=spec.shardings)()

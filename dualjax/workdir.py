@@ -1,0 +1,105 @@
+"""The workdir format (DESIGN.md §9, §10): file names, the run's identity, atomic writes.
+
+  workdir/config.json        the run's config; a later start must agree on the run's identity
+  workdir/tokenizer.model    the tokenizer (with config.json, what loading a trained model needs)
+  workdir/prepared/          token shards, unless data.prepared_dir points elsewhere
+  workdir/checkpoints/N/     Orbax checkpoints (dualjax.checkpoint)
+  workdir/metrics.jsonl      one JSON line per logged step: kind train | val | eval
+  workdir/tensorboard/       the same as TensorBoard events
+  workdir/eval/step_N.{json,md}  downstream evaluation results
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from dualjax.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+PREPARED_DIR = "prepared"
+EVAL_DIR = "eval"
+
+# Config sections whose change makes an existing workdir a different run; and the fields inside
+# them that may change on a resume (where data comes from, how the model is executed).
+RUN_IDENTITY = ("seed", "model", "data", "objective", "optim", "train")
+NOT_IDENTITY = ("data.prepared_dir", "data.num_workers", "model.attention_impl", "model.remat",
+                "model.scan_layers")
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it into place."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def split_run_path(path: str | os.PathLike) -> tuple[pathlib.Path, int | None]:
+  """(workdir, step) for a workdir (step None) or one of its `checkpoints/N` directories."""
+  path = pathlib.Path(path)
+  if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR:
+    return path.parent.parent, int(path.name)
+  return path, None
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The run config saved in `workdir` (ValueError naming the file if absent or unreadable)."""
+  f = pathlib.Path(workdir) / CONFIG_FILE
+  if not f.is_file():
+    raise ValueError(f"{workdir}: not a training workdir (no {f})")
+  try:
+    return ml_collections.ConfigDict(json.loads(f.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{f}: unreadable ({e.msg})") from None
+
+
+def run_lam(path: str | os.PathLike) -> float | None:
+  """The AR share of the run a workdir or `<workdir>/checkpoints/N` belongs to, if recorded."""
+  f = split_run_path(path)[0] / CONFIG_FILE
+  try:
+    return float(json.loads(f.read_text())["objective"]["lam"])
+  except (OSError, KeyError, TypeError, ValueError):
+    return None
+
+
+def check_identity(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """A workdir holding another run is refused, naming the first differing field."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+  saved = workdir / CONFIG_FILE
+  if not saved.exists():
+    return
+  try:
+    old = json.loads(saved.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{saved}: unreadable ({e.msg}); use another --workdir") from None
+  new = json.loads(cfg.to_json())
+  for section in RUN_IDENTITY:
+    diff = _first_diff(old.get(section), new.get(section), section)
+    if diff:
+      raise ConfigError(f"workdir {workdir} holds a run with a different config: {diff} "
+                        "(use another --workdir)")
+
+
+def _first_diff(a: Any, b: Any, path: str) -> str | None:
+  if path in NOT_IDENTITY:
+    return None
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      d = _first_diff(a.get(k), b.get(k), f"{path}.{k}")
+      if d:
+        return d
+    return None
+  return None if a == b else f"{path}: {a!r} -> {b!r}"
+
+
+def eval_results_path(workdir: str | os.PathLike, step: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / EVAL_DIR / f"step_{step}.json"
