@@ -13,6 +13,7 @@ stderr and exit code 2, before anything is written.
 """
 
 import math
+import os
 import pathlib
 import sys
 
@@ -53,6 +54,9 @@ def _check_flags() -> study.Options:
   out = pathlib.Path(_OUT.value)
   if out.exists() and not out.is_dir():
     _fail(f"--out={out}: exists and is not a directory")
+  ancestor = next(p for p in [out, *out.absolute().parents] if p.exists())
+  if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    _fail(f"--out={out}: cannot write under {ancestor}")
   if not (_NU.value > 0):
     _fail(f"--nu={_NU.value:g}: the Matérn smoothness must be > 0")
   if _RESTARTS.value < 0:
@@ -90,6 +94,26 @@ def _curves() -> tuple[list[results.Curve], float | None, list[str]]:
   return curves, r, notes
 
 
+def _write(out: pathlib.Path, sources: list[study.SourceResult], curves: list[results.Curve],
+           curve_r: float | None, curve_notes: list[str], opts: study.Options) -> list[pathlib.Path]:
+  """Figures, optimal_lambda.csv and summary.md; returns the paths written."""
+  written: list[pathlib.Path] = []
+  if curves:
+    written += figures.figure1(curves, curve_r, out)
+  for s in sources:
+    panels = {t.points.target: figures.Panel(t.points, t.fit, t.fine) for t in s.targets}
+    written += figures.figure4(s.table.source, list(panels.values()), out)
+    if s.diff is not None:
+      diff = figures.Panel(s.diff, s.diff_fit.fit if s.diff_fit else None,
+                           s.diff_fit.fine if s.diff_fit else None)
+      written += figures.figure5(s.table.source, panels.get("avg/prefix"), diff, out)
+  for n in [n for s in sources for n in s.notes] + curve_notes:
+    _note(n)
+  (out / "optimal_lambda.csv").write_text(report.optimum_csv(sources), encoding="utf-8")
+  (out / "summary.md").write_text(report.summary(sources, opts, written, curve_notes), encoding="utf-8")
+  return written + [out / "summary.md", out / "optimal_lambda.csv"]
+
+
 def main(argv: list[str]) -> int:
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
     print(__doc__.strip() + "\n\nflags:\n" + flags.FLAGS.module_help(sys.modules[__name__]))
@@ -116,23 +140,14 @@ def main(argv: list[str]) -> int:
   sources = study.analyse(jobs, opts)
 
   out = pathlib.Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
-  written: list[pathlib.Path] = []
-  if curves:
-    written += figures.figure1(curves, curve_r, out)
-  extra_notes = list(curve_notes)
-  for s in sources:
-    panels = {t.points.target: figures.Panel(t.points, t.fit, t.fine) for t in s.targets}
-    written += figures.figure4(s.table.source, list(panels.values()), out)
-    if s.diff is not None:
-      diff = figures.Panel(s.diff, s.diff_fit.fit if s.diff_fit else None,
-                           s.diff_fit.fine if s.diff_fit else None)
-      written += figures.figure5(s.table.source, panels.get("avg/prefix"), diff, out)
-  for n in [n for s in sources for n in s.notes] + extra_notes:
-    _note(n)
-  (out / "optimal_lambda.csv").write_text(report.optimum_csv(sources), encoding="utf-8")
-  (out / "summary.md").write_text(report.summary(sources, opts, written, extra_notes), encoding="utf-8")
-  written += [out / "summary.md", out / "optimal_lambda.csv"]
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    _fail(f"--out={out}: cannot create ({e.strerror})")
+  try:
+    written = _write(out, sources, curves, curve_r, curve_notes, opts)
+  except OSError as e:
+    _fail(f"--out={out}: writing failed ({e})")
   print("wrote " + ", ".join(str(p) for p in written))
   return 0
 

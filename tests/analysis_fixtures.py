@@ -89,3 +89,15 @@ def write_run(root: pathlib.Path, r: int, lam: float, steps: int = 400, every: i
     lines.append({"step": s, "kind": "val", "ar_loss": ar, "mdm_loss": mdm})
   (d / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
   return d
+
+
+FAST = dict(restarts=0, samples=200, lam_points=33, fine_per_octave=2)
+
+
+def small_study(tmp_path: pathlib.Path, **opts):
+  """A sweep CSV written to tmp_path, planned and analysed with fast settings: (sources, options)."""
+  from dualjax.analysis import results, study  # pylint: disable=import-outside-toplevel
+  p = write_csv(tmp_path / "sweep.csv", sweep_rows())
+  options = study.Options(**{**FAST, **opts})
+  jobs = study.plan([results.read_table(p)], options)
+  return study.analyse(jobs, options), options

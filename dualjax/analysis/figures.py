@@ -47,7 +47,8 @@ def _r_axis(ax, log2r: np.ndarray) -> None:
 
 def _heat(fig, ax, opt: gp.Optimum, label: str, cmap: str = "viridis",
           norm: colors.Normalize | None = None):
-  m = ax.pcolormesh(opt.log2r, opt.lam_grid, opt.mean_RxG.T, shading="nearest", cmap=cmap, norm=norm)
+  m = ax.pcolormesh(opt.log2r, opt.lam_grid, opt.mean_RxG.T, shading="nearest", cmap=cmap, norm=norm,
+                    rasterized=True)
   if np.ptp(opt.mean_RxG) > 0:
     ax.contour(opt.log2r, opt.lam_grid, opt.mean_RxG.T, levels=8, colors="k", linewidths=0.4, alpha=0.5)
   fig.colorbar(m, ax=ax, label=label)
@@ -92,7 +93,7 @@ def figure4(source: str, panels: Sequence[Panel], out_dir: pathlib.Path) -> list
     top.set_title(f"{p.points.target} ({source}); R² = {p.fit.r2:.3f}", fontsize=9)
     top.legend(fontsize=6, loc="lower left")
     m = bottom.pcolormesh(p.fine.log2r, p.fine.lam_grid, p.fine.density_RxG.T, shading="nearest",
-                          cmap="Blues")
+                          cmap="Blues", rasterized=True)
     fig.colorbar(m, ax=bottom, label="density of optimal λ")
     bottom.plot(p.fine.log2r, p.fine.lam_best, color="k", lw=1.2, label="argmax of GP mean")
     _rule_band(bottom, p.fine.log2r)
@@ -125,7 +126,7 @@ def figure5(source: str, prefix: Panel | None, diff: Panel, out_dir: pathlib.Pat
   else:
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="RdBu"), ax=ax, label="prefix − AR")
   _scatter(ax, diff.points, "RdBu", norm)
-  for x, l, v in zip(diff.points.log2r, diff.points.lam, diff.points.y):
+  for x, l, v in zip(diff.points.log2r, diff.points.lam, diff.points.y) if diff.points.n <= 30 else ():
     ax.annotate(f"{v:+.1f}", (x, l), fontsize=6, xytext=(3, 3), textcoords="offset points")
   ax.set_title(f"prefix minus AR evaluation ({source})", fontsize=9)
   ax.set_ylabel("AR share λ")

@@ -10,6 +10,7 @@ import numpy as np
 
 from dualjax.analysis import rules, study
 
+LOO_GAP = 0.05  # in-sample minus leave-one-out R^2 above which the summary cautions
 OPTIMUM_COLUMNS = ("source", "target", "r", "lam_best", "lam_mode", "ci_low", "ci_high",
                    "rule_low", "rule_high", "rule_point", "agreement")
 
@@ -47,7 +48,8 @@ def optimum_csv(sources: Sequence[study.SourceResult]) -> str:
   w = csv.DictWriter(buf, OPTIMUM_COLUMNS, lineterminator="\n")
   w.writeheader()
   for row in optimum_rows(sources):
-    w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else v)
+                for k, v in row.items()})
   return buf.getvalue()
 
 
@@ -79,6 +81,11 @@ def summary(sources: Sequence[study.SourceResult], opts: study.Options,
       out.append(f"| {t.points.target} | {t.fit.n} | {t.fit.r2:.4f} | {t.fit.r2_loo:.4f} | "
                  f"`{t.fit.gp.kernel_}` |")
     out.append("")
+    for t in s.targets + ([s.diff_fit] if s.diff_fit else []):
+      if t.fit.r2 - t.fit.r2_loo > LOO_GAP:
+        out += [f"Caution, {t.points.target}: leave-one-out R² ({t.fit.r2_loo:.2f}) is far below the "
+                f"in-sample R² ({t.fit.r2:.2f}): with {t.fit.n} points the surface interpolates the runs "
+                "rather than generalising between them; read its optimum and density as weak evidence.", ""]
     for t in s.targets:
       out += [f"### Recommended λ per r: {t.points.target}", "",
               f"| r | λ* | mode of density | {level}% interval | rule of thumb | λ* vs rule |",
@@ -124,7 +131,7 @@ def _rule_sentence(rows: Sequence[dict[str, object]], lam_grid: np.ndarray) -> s
   ruled = sum(counts.values())
   text = (f"Rules of thumb: λ* lies inside the rule's band at {counts['inside']} of {ruled} r values "
           f"with a rule; the interval overlaps the band at {counts['CI overlaps']} more; "
-          f"{counts['outside']} disagree.")
+          f"{counts['outside']} {'disagrees' if counts['outside'] == 1 else 'disagree'}.")
   beyond = [r for r in rows if np.isfinite(r["rule_low"])
             and (r["rule_high"] < lam_grid[0] or r["rule_low"] > lam_grid[-1])]
   if beyond:

@@ -108,11 +108,20 @@ def _diff_points(t: results.Table, notes: list[str]) -> results.Points | None:
   return pts
 
 
+def lambda_grid(lo: float, hi: float, points: int) -> np.ndarray:
+  """The grid k / (points - 1) over [0, 1] restricted to [lo, hi] (so 1/2, 7/8, 63/64 lie on it
+  with the default 129 points); a range narrower than two grid steps gets `points` values of its own."""
+  grid = np.arange(points) / (points - 1)
+  eps = 1e-9
+  grid = grid[(grid >= lo - eps) & (grid <= hi + eps)]
+  return grid if len(grid) >= 3 else np.linspace(lo, hi, points)
+
+
 def analyse_points(pts: results.Points, opts: Options) -> TargetResult:
   """GP fit of one target and its optimal-lambda statistics (data r values and a fine grid)."""
   fit = gp.fit(pts.log2r, pts.lam, pts.y, target=pts.target, nu=opts.nu, restarts=opts.restarts,
                seed=opts.seed)
-  lam_grid = np.linspace(pts.lam.min(), pts.lam.max(), opts.lam_points)
+  lam_grid = lambda_grid(pts.lam.min(), pts.lam.max(), opts.lam_points)
   lo, hi = pts.log2r.min(), pts.log2r.max()
   fine_r = np.linspace(lo, hi, max(2, int(round((hi - lo) * opts.fine_per_octave)) + 1))
   kw = dict(samples=opts.samples, seed=opts.seed, level=opts.level)
@@ -126,7 +135,7 @@ def analyse(jobs: Sequence[Job], opts: Options) -> list[SourceResult]:
     targets = [analyse_points(p, opts) for p in job.points]
     notes = list(job.notes)
     for t in targets:
-      notes += t.fit.notes
+      notes += [f"{job.table.source}: {n}" for n in t.fit.notes]
     diff_fit = None
     if job.diff is not None:
       reason = gp.unfittable_reason(job.diff.r, job.diff.lam, opts.nu)
