@@ -19,14 +19,16 @@ import sys
 
 from absl import flags
 
-from dualjax.analysis import figures, report, results, study
+from dualjax.analysis import figures, inputs, report, study
 
-_OUT = flags.DEFINE_string("out", None, "output directory (created; existing files of the same name replaced)")
+_OUT = flags.DEFINE_string(
+    "out", None, "output directory (created; existing files of the same name replaced)")
 _TARGETS = flags.DEFINE_list(
     "targets", None, "columns to model (default: those of avg/ar, avg/pll, avg/prefix present); "
     "a column whose name contains 'loss' is minimised")
 _PAPER = flags.DEFINE_bool("paper", False, "add the paper's numbers (dualjax/analysis/paper_results.csv)")
-_COMBINE = flags.DEFINE_bool("combine", False, "pool all input files into one source (default: one fit per file)")
+_COMBINE = flags.DEFINE_bool(
+    "combine", False, "pool all input files into one source (default: one fit per file)")
 _NU = flags.DEFINE_float("nu", 2.5, "Matérn smoothness ν (0.5, 1.5, 2.5 are cheap; inf = RBF)")
 _RESTARTS = flags.DEFINE_integer("restarts", 5, "L-BFGS-B restarts of the hyper-parameter fit")
 _SAMPLES = flags.DEFINE_integer("samples", 1000, "joint posterior samples per r for the optimal-λ density")
@@ -79,10 +81,10 @@ def _check_flags() -> study.Options:
                        level=_LEVEL.value)
 
 
-def _curves() -> tuple[list[results.Curve], float | None, list[str]]:
+def _curves() -> tuple[list[inputs.Curve], float | None, list[str]]:
   if not _RUN_ROOT.value:
     return [], None, ["Figure 1 skipped: no --run_root (the directory holding the runs' workdirs)"]
-  curves, notes = results.read_curves(_RUN_ROOT.value)
+  curves, notes = inputs.read_curves(_RUN_ROOT.value)
   if not curves:
     return [], None, notes + [f"Figure 1 skipped: no run with config.json and validation records "
                               f"under {_RUN_ROOT.value}"]
@@ -94,7 +96,7 @@ def _curves() -> tuple[list[results.Curve], float | None, list[str]]:
   return curves, r, notes
 
 
-def _write(out: pathlib.Path, sources: list[study.SourceResult], curves: list[results.Curve],
+def _write(out: pathlib.Path, sources: list[study.SourceResult], curves: list[inputs.Curve],
            curve_r: float | None, curve_notes: list[str], opts: study.Options) -> list[pathlib.Path]:
   """Figures, optimal_lambda.csv and summary.md; returns the paths written."""
   written: list[pathlib.Path] = []
@@ -127,14 +129,14 @@ def main(argv: list[str]) -> int:
   if unknown:
     _fail(f"unknown flag {unknown[0]} (see --help)")
   if _PAPER.value:
-    paths = [str(results.PAPER_CSV)] + paths
+    paths = [str(inputs.PAPER_CSV)] + paths
   if not paths:
     _fail("no results CSV given (python -m dualjax.analyze RESULTS.csv [MORE.csv ...] --out=DIR)")
   try:
-    names = results.source_names(paths)
-    tables = [results.read_table(p, n) for p, n in zip(paths, names)]
+    names = inputs.source_names(paths)
+    tables = [inputs.read_table(p, n) for p, n in zip(paths, names)]
     jobs = study.plan(tables, opts)
-  except results.InputError as e:
+  except inputs.InputError as e:
     _fail(str(e))
   curves, curve_r, curve_notes = _curves()
   sources = study.analyse(jobs, opts)

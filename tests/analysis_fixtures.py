@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dualjax.analysis import inputs, study
+
 TASKS = ("arc_easy", "arc_challenge", "blimp", "csqa", "hellaswag", "mmlu", "openbookqa", "piqa", "siqa")
 MODES = ("ar", "prefix", "pll", "mc")
 R_GRID = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -61,7 +63,8 @@ def sweep_rows(rs: Sequence[int] = R_GRID, lams: Sequence[float] = (0, 0.25, 0.5
   return rows
 
 
-def write_csv(path: pathlib.Path, rows: Sequence[dict[str, object]], cols: Sequence[str] | None = None) -> pathlib.Path:
+def write_csv(path: pathlib.Path, rows: Sequence[dict[str, object]],
+              cols: Sequence[str] | None = None) -> pathlib.Path:
   cols = list(cols or columns())
   with open(path, "w", newline="", encoding="utf-8") as f:
     w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
@@ -96,8 +99,7 @@ FAST = dict(restarts=0, samples=200, lam_points=33, fine_per_octave=2)
 
 def small_study(tmp_path: pathlib.Path, **opts):
   """A sweep CSV written to tmp_path, planned and analysed with fast settings: (sources, options)."""
-  from dualjax.analysis import results, study  # pylint: disable=import-outside-toplevel
   p = write_csv(tmp_path / "sweep.csv", sweep_rows())
   options = study.Options(**{**FAST, **opts})
-  jobs = study.plan([results.read_table(p)], options)
+  jobs = study.plan([inputs.read_table(p)], options)
   return study.analyse(jobs, options), options

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 import analysis_fixtures as fx
-from dualjax.analysis import figures, results
+from dualjax.analysis import figures, inputs
 
 
 def _check(paths, width, height):
@@ -37,7 +37,7 @@ def test_figure1(tmp_path):
   for lam in (1.0, 0.5, 0.0):
     fx.write_run(tmp_path / "runs", 128, lam)
   fx.write_run(tmp_path / "runs", 4, 1.0)
-  curves, notes = results.read_curves(tmp_path / "runs")
+  curves, notes = inputs.read_curves(tmp_path / "runs")
   assert not notes and figures.default_curve_r(curves) == 128
   _check(figures.figure1(curves, 128, tmp_path), round(2 * figures.PANEL_W * figures.DPI),
          round(figures.FIG1_H * figures.DPI))
@@ -45,7 +45,7 @@ def test_figure1(tmp_path):
 
 def test_default_curve_r():
   def c(r, lam):
-    return results.Curve("x", r, lam, None, np.arange(2), np.ones(2), np.ones(2))
+    return inputs.Curve("x", r, lam, None, np.arange(2), np.ones(2), np.ones(2))
   assert figures.default_curve_r([c(128, 1.0), c(4, 1.0), c(4, 0.5)]) == 4
   assert figures.default_curve_r([c(128, 1.0), c(4, 1.0)]) == 128
   assert figures.default_curve_r([]) is None

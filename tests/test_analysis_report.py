@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import analysis_fixtures as fx
-from dualjax.analysis import report, results, study
+from dualjax.analysis import inputs, report, study
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_optimum_csv_matches_the_fits(sweep):
 
 def test_caution_and_notes_for_the_paper_numbers():
   opts = study.Options(**fx.FAST)
-  sources = study.analyse(study.plan([results.read_table(results.PAPER_CSV)], opts), opts)
+  sources = study.analyse(study.plan([inputs.read_table(inputs.PAPER_CSV)], opts), opts)
   md = report.summary(sources, opts, notes=["Figure 1 skipped: no --run_root"])
   assert "Caution, avg/pll: leave-one-out R²" in md
   assert sorted(_lambda_tables(md)["avg/pll"]) == [16, 32, 64, 128]

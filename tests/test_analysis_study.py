@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 import analysis_fixtures as fx
-from dualjax.analysis import results, study
+from dualjax.analysis import inputs, study
 
 
 def _table(tmp_path, rows, name="sweep.csv", cols=None):
-  return results.read_table(fx.write_csv(tmp_path / name, rows, cols))
+  return inputs.read_table(fx.write_csv(tmp_path / name, rows, cols))
 
 
 def test_default_targets_and_figure5_points(tmp_path):
@@ -24,13 +24,13 @@ def test_explicit_targets_must_exist_in_every_file(tmp_path):
   t = _table(tmp_path, fx.sweep_rows())
   jobs = study.plan([t], study.Options(targets=("final_val_ar_loss",)))
   assert jobs[0].points[0].target == "final_val_ar_loss"
-  with pytest.raises(results.InputError, match=r"sweep.csv: missing column 'avg/nope' \(named in --targets\)"):
+  with pytest.raises(inputs.InputError, match=r"sweep.csv: missing column 'avg/nope' \(named in --targets\)"):
     study.plan([t], study.Options(targets=("avg/ar", "avg/nope")))
 
 
 def test_no_target_column(tmp_path):
   t = _table(tmp_path, fx.sweep_rows(), cols=["point", "r", "lam", "seed"])
-  with pytest.raises(results.InputError, match="sweep.csv: missing target column: none of avg/ar, avg/pll"):
+  with pytest.raises(inputs.InputError, match="sweep.csv: missing target column: none of avg/ar, avg/pll"):
     study.plan([t], study.Options())
 
 
@@ -44,7 +44,7 @@ def test_unfittable_defaults_are_notes_unless_nothing_is_left(tmp_path):
   assert any("avg/pll not fitted: a single r value (128)" in n for n in job.notes)
   assert any("Figure 5 skipped: no avg/prefix column" in n for n in job.notes)
   few = _table(tmp_path, fx.sweep_rows(rs=(1,), lams=(0.5, 1.0)), name="few.csv")
-  with pytest.raises(results.InputError, match=r"few.csv: avg/ar: 2 points .* at least 4 are needed"):
+  with pytest.raises(inputs.InputError, match=r"few.csv: avg/ar: 2 points .* at least 4 are needed"):
     study.plan([_table(tmp_path, fx.sweep_rows()), few], study.Options())
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 import analysis_fixtures as fx
-from dualjax.analysis import figures, results
+from dualjax.analysis import figures, inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--restarts=0", "--samples=200", "--lam_points=33"]
@@ -32,7 +32,7 @@ def test_sweep_and_paper_to_figures_and_summary(tmp_path):
     fx.write_run(tmp_path / "runs", 128, lam)
   fx.write_run(tmp_path / "runs", 4, 1.0)
   out = tmp_path / "out"
-  p = _run(results.PAPER_CSV, sweep, f"--run_root={tmp_path / 'runs'}", f"--out={out}", *FAST)
+  p = _run(inputs.PAPER_CSV, sweep, f"--run_root={tmp_path / 'runs'}", f"--out={out}", *FAST)
   assert p.returncode == 0, p.stderr
   w, dpi = figures.PANEL_W, figures.DPI
   expected = {"figure1": (round(2 * w * dpi), round(figures.FIG1_H * dpi)),
@@ -56,7 +56,7 @@ def test_sweep_and_paper_to_figures_and_summary(tmp_path):
       assert all(0 <= v <= 1 for v in found.values())
   rows = list(csv.DictReader(open(out / "optimal_lambda.csv")))
   assert len(rows) == 3 * 8 + 4
-  assert "| r128_lam1_s42 | 128 | 1 | ar (250) |" in md.split("### Overfitted runs")[-1]  # the sweep's flagged runs
+  assert "| r128_lam1_s42 | 128 | 1 | ar (250) |" in md.split("### Overfitted runs")[-1]
 
 
 def test_paper_flag_without_run_root(tmp_path):
@@ -72,6 +72,10 @@ def _bad(tmp_path: pathlib.Path, name: str, rows, cols=None) -> pathlib.Path:
   return fx.write_csv(tmp_path / name, rows, cols)
 
 
+def _runs(d: pathlib.Path) -> pathlib.Path:
+  return fx.write_run(d / "runs", 128, 1.0).parent
+
+
 BAD = {
     "missing_lam": (lambda d: [_bad(d, "a.csv", fx.sweep_rows(), ["point", "r", "avg/ar"])],
                     r"a\.csv: missing column 'lam'"),
@@ -79,19 +83,23 @@ BAD = {
                        r"a\.csv: missing target column: none of avg/ar, avg/pll, avg/prefix"),
     "explicit_target": (lambda d: [_bad(d, "a.csv", fx.sweep_rows()), "--targets=avg/mmlu"],
                         r"a\.csv: missing column 'avg/mmlu' \(named in --targets\)"),
-    "too_few_points": (lambda d: [_bad(d, "a.csv", fx.sweep_rows(rs=(1, 128), lams=(0.5,)) + fx.sweep_rows(rs=(4,), lams=(1.0,)))],
+    "too_few_points": (lambda d: [_bad(d, "a.csv", fx.sweep_rows(rs=(1, 128), lams=(0.5,))
+                                       + fx.sweep_rows(rs=(4,), lams=(1.0,)))],
                        r"a\.csv: avg/ar: 3 points with r, lam and a value; the GP fits 4 hyper-parameters, "
                        r"so at least 4 are needed"),
     "single_lambda": (lambda d: [_bad(d, "a.csv", fx.sweep_rows(lams=(0.5,)))],
                       r"a\.csv: avg/ar: a single lam value \(0\.5\) among its 8 points"),
     "single_r": (lambda d: [_bad(d, "a.csv", fx.sweep_rows(rs=(32,)))],
                  r"a\.csv: avg/ar: a single r value \(32\) among its 5 points"),
-    "second_file_bad": (lambda d: [_bad(d, "good.csv", fx.sweep_rows()), _bad(d, "b.csv", fx.sweep_rows(lams=(1.0,)))],
+    "second_file_bad": (lambda d: [_bad(d, "good.csv", fx.sweep_rows()),
+                                   _bad(d, "b.csv", fx.sweep_rows(lams=(1.0,)))],
                         r"b\.csv: avg/ar: a single lam value \(1\)"),
     "no_such_file": (lambda d: [d / "nope.csv"], r"nope\.csv: no such file"),
-    "bad_flag": (lambda d: [_bad(d, "a.csv", fx.sweep_rows()), "--nu=0"], r"--nu=0: the Matérn smoothness must be > 0"),
-    "bad_r_for_curves": (lambda d: [_bad(d, "a.csv", fx.sweep_rows()), f"--run_root={fx.write_run(d / 'runs', 128, 1.0).parent}",
-                                    "--r_for_curves=64"], r"--r_for_curves=64: no run under .* has that r \(runs have r = 128\)"),
+    "bad_flag": (lambda d: [_bad(d, "a.csv", fx.sweep_rows()), "--nu=0"],
+                 r"--nu=0: the Matérn smoothness must be > 0"),
+    "bad_r_for_curves": (lambda d: [_bad(d, "a.csv", fx.sweep_rows()), f"--run_root={_runs(d)}",
+                                    "--r_for_curves=64"],
+                         r"--r_for_curves=64: no run under .* has that r \(runs have r = 128\)"),
 }
 
 
@@ -120,4 +128,5 @@ def test_existing_outputs_are_untouched_on_bad_input(tmp_path):
 
 def test_help():
   p = _run("--help")
-  assert p.returncode == 0 and "--run_root" in p.stdout and "--targets" in p.stdout and "--combine" in p.stdout
+  assert p.returncode == 0
+  assert all(f"--{f}" in p.stdout for f in ("run_root", "targets", "combine", "paper", "r_for_curves"))

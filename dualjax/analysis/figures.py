@@ -16,7 +16,7 @@ from matplotlib import colors
 from matplotlib import figure as mpl_figure
 import numpy as np
 
-from dualjax.analysis import gp, results, rules
+from dualjax.analysis import gp, inputs, rules
 
 DPI = 100
 PANEL_W, FIG4_H, FIG1_H = 4.6, 7.0, 3.8
@@ -25,7 +25,7 @@ PANEL_W, FIG4_H, FIG1_H = 4.6, 7.0, 3.8
 @dataclasses.dataclass
 class Panel:
   """One target of one source: its points, its GP and the optimum on a fine r grid."""
-  points: results.Points
+  points: inputs.Points
   fit: gp.Fit | None
   fine: gp.Optimum | None
 
@@ -55,7 +55,7 @@ def _heat(fig, ax, opt: gp.Optimum, label: str, cmap: str = "viridis",
   return m
 
 
-def _scatter(ax, pts: results.Points, cmap, norm) -> None:
+def _scatter(ax, pts: inputs.Points, cmap, norm) -> None:
   ax.scatter(pts.log2r, pts.lam, c=pts.y, cmap=cmap, norm=norm, edgecolors="k", linewidths=0.6,
              s=28, zorder=3, label="runs")
   if pts.ar_overfitting.any():
@@ -134,7 +134,7 @@ def figure5(source: str, prefix: Panel | None, diff: Panel, out_dir: pathlib.Pat
   return save(fig, out_dir, f"figure5_{source}")
 
 
-def default_curve_r(curves: Sequence[results.Curve]) -> float | None:
+def default_curve_r(curves: Sequence[inputs.Curve]) -> float | None:
   """The largest r with at least two lambdas (else the largest r), as the paper's r = 128."""
   by_r: dict[float, set[float]] = {}
   for c in curves:
@@ -143,7 +143,7 @@ def default_curve_r(curves: Sequence[results.Curve]) -> float | None:
   return max(multi) if multi else (max(by_r) if by_r else None)
 
 
-def figure1(curves: Sequence[results.Curve], r: float, out_dir: pathlib.Path) -> list[pathlib.Path]:
+def figure1(curves: Sequence[inputs.Curve], r: float, out_dir: pathlib.Path) -> list[pathlib.Path]:
   """Held-out AR loss and MDM NELBO against step for every lambda at r."""
   sel = sorted((c for c in curves if c.r == r), key=lambda c: (-c.lam, c.seed or 0, c.name))
   fig = mpl_figure.Figure(figsize=(2 * PANEL_W, FIG1_H), layout="constrained")

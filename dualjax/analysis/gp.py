@@ -128,8 +128,9 @@ _PARAMS = {("k1__k1__constant_value", "0"): "signal variance",
            ("k1__k2__length_scale", "0"): "log2 r length scale",
            ("k1__k2__length_scale", "1"): "λ length scale",
            ("k2__noise_level", "0"): "noise level"}
-_CONSEQUENCE = {"λ length scale/lower": "the surface interpolates the points along λ and says little between them",
-                "log2 r length scale/lower": "the surface interpolates the points along r and says little between them",
+_INTERPOLATES = "the surface interpolates the points along {} and says little between them"
+_CONSEQUENCE = {"λ length scale/lower": _INTERPOLATES.format("λ"),
+                "log2 r length scale/lower": _INTERPOLATES.format("r"),
                 "noise level/lower": "the fit treats the points as nearly noise-free",
                 "noise level/upper": "the fit explains the points mostly as noise"}
 

@@ -48,9 +48,14 @@ def optimum_csv(sources: Sequence[study.SourceResult]) -> str:
   w = csv.DictWriter(buf, OPTIMUM_COLUMNS, lineterminator="\n")
   w.writeheader()
   for row in optimum_rows(sources):
-    w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else v)
-                for k, v in row.items()})
+    w.writerow({k: _cell(v) for k, v in row.items()})
   return buf.getvalue()
+
+
+def _cell(v: object) -> object:
+  if isinstance(v, float):
+    return "" if math.isnan(v) else f"{v:.6g}"
+  return v
 
 
 def summary(sources: Sequence[study.SourceResult], opts: study.Options,

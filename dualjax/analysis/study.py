@@ -3,7 +3,7 @@
 Every input file is its own source and gets its own GP per target (the paper's numbers and a
 small-scale sweep live on different score scales, so one surface over both would mix them);
 `combine=True` pools all files into one source named 'combined' (e.g. a sweep split over files).
-`plan` checks everything the analysis needs and raises `results.InputError` (one line) before
+`plan` checks everything the analysis needs and raises `inputs.InputError` (one line) before
 any fitting: explicit targets must exist and be fittable in every file; default targets (those
 of avg/ar, avg/pll, avg/prefix present) that cannot be fitted are skipped with a note, but each
 file must leave at least one.
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dualjax.analysis import gp, results
+from dualjax.analysis import gp, inputs
 
 DIFF_TARGET = "avg/prefix − avg/ar"
 
@@ -34,15 +34,15 @@ class Options:
 
 @dataclasses.dataclass
 class Job:
-  table: results.Table
-  points: list[results.Points]  # fittable targets
-  diff: results.Points | None  # prefix minus AR per run (Figure 5), None if unavailable
+  table: inputs.Table
+  points: list[inputs.Points]  # fittable targets
+  diff: inputs.Points | None  # prefix minus AR per run (Figure 5), None if unavailable
   notes: list[str]
 
 
 @dataclasses.dataclass
 class TargetResult:
-  points: results.Points
+  points: inputs.Points
   fit: gp.Fit
   at_r: gp.Optimum  # at the r values of the data
   fine: gp.Optimum  # on a fine r grid (figures)
@@ -50,58 +50,58 @@ class TargetResult:
 
 @dataclasses.dataclass
 class SourceResult:
-  table: results.Table
+  table: inputs.Table
   targets: list[TargetResult]
-  diff: results.Points | None
+  diff: inputs.Points | None
   diff_fit: TargetResult | None
   overfitted: list[dict[str, object]]
   notes: list[str]
 
 
-def plan(tables: Sequence[results.Table], opts: Options) -> list[Job]:
+def plan(tables: Sequence[inputs.Table], opts: Options) -> list[Job]:
   """The fittable targets of each source; raises InputError for what the analysis cannot use."""
   if opts.combine and len(tables) > 1:
-    tables = [results.combine(tables)]
+    tables = [inputs.combine(tables)]
   jobs = []
   for t in tables:
     notes: list[str] = []
     if opts.targets:
       for c in opts.targets:
         if not t.has(c):
-          raise results.InputError(f"{t.path}: missing column '{c}' (named in --targets)")
+          raise inputs.InputError(f"{t.path}: missing column '{c}' (named in --targets)")
       targets = list(opts.targets)
     else:
-      targets = [c for c in results.DEFAULT_TARGETS if t.has(c)]
+      targets = [c for c in inputs.DEFAULT_TARGETS if t.has(c)]
       if not targets:
-        raise results.InputError(
-            f"{t.path}: missing target column: none of {', '.join(results.DEFAULT_TARGETS)} "
+        raise inputs.InputError(
+            f"{t.path}: missing target column: none of {', '.join(inputs.DEFAULT_TARGETS)} "
             "(name other columns with --targets)")
     fittable, reasons = [], []
     for c in targets:
-      pts = results.select(t, c)
+      pts = inputs.select(t, c)
       reason = gp.unfittable_reason(pts.r, pts.lam, opts.nu)
       if pts.skipped:
         notes.append(f"{t.source}: {c}: {pts.skipped} row(s) with a value but no r or λ are not fitted")
       if reason:
         line = f"{t.path}: {c}: {reason}"
         if opts.targets:
-          raise results.InputError(line)
+          raise inputs.InputError(line)
         reasons.append(line)
         notes.append(f"{t.source}: {c} not fitted: {reason}")
       else:
         fittable.append(pts)
     if not fittable:
-      raise results.InputError(reasons[0])
+      raise inputs.InputError(reasons[0])
     jobs.append(Job(t, fittable, _diff_points(t, notes), notes))
   return jobs
 
 
-def _diff_points(t: results.Table, notes: list[str]) -> results.Points | None:
+def _diff_points(t: inputs.Table, notes: list[str]) -> inputs.Points | None:
   if not (t.has("avg/prefix") and t.has("avg/ar")):
     notes.append(f"{t.source}: Figure 5 skipped: no "
                  f"{'avg/prefix' if not t.has('avg/prefix') else 'avg/ar'} column")
     return None
-  pts = results.select(t, DIFF_TARGET, t.numbers("avg/prefix") - t.numbers("avg/ar"))
+  pts = inputs.select(t, DIFF_TARGET, t.numbers("avg/prefix") - t.numbers("avg/ar"))
   if pts.n == 0:
     notes.append(f"{t.source}: Figure 5 skipped: no row has avg/prefix, avg/ar, r and λ all filled")
     return None
@@ -117,7 +117,7 @@ def lambda_grid(lo: float, hi: float, points: int) -> np.ndarray:
   return grid if len(grid) >= 3 else np.linspace(lo, hi, points)
 
 
-def analyse_points(pts: results.Points, opts: Options) -> TargetResult:
+def analyse_points(pts: inputs.Points, opts: Options) -> TargetResult:
   """GP fit of one target and its optimal-lambda statistics (data r values and a fine grid)."""
   fit = gp.fit(pts.log2r, pts.lam, pts.y, target=pts.target, nu=opts.nu, restarts=opts.restarts,
                seed=opts.seed)
@@ -144,5 +144,5 @@ def analyse(jobs: Sequence[Job], opts: Options) -> list[SourceResult]:
       else:
         diff_fit = analyse_points(job.diff, opts)
     out.append(SourceResult(job.table, targets, job.diff, diff_fit,
-                            results.overfitted(job.table), notes))
+                            inputs.overfitted(job.table), notes))
   return out

@@ -1,4 +1,4 @@
-"""Sweep results tables (one row per run, see notes/results_csv.md) and the runs' validation curves.
+"""Analysis inputs: results tables (one row per run, notes/results_csv.md) and validation curves.
 
 A table is read whole and checked before any analysis: the columns `r` and `lam` must exist,
 every filled cell of a numeric column must parse, r > 0 and 0 <= lam <= 1. Empty cells are NaN
