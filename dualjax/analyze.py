@@ -33,7 +33,8 @@ _NU = flags.DEFINE_float("nu", 2.5, "Matérn smoothness ν (0.5, 1.5, 2.5 are ch
 _RESTARTS = flags.DEFINE_integer("restarts", 5, "L-BFGS-B restarts of the hyper-parameter fit")
 _SAMPLES = flags.DEFINE_integer("samples", 1000, "joint posterior samples per r for the optimal-λ density")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the restarts and the posterior samples")
-_LAM_POINTS = flags.DEFINE_integer("lam_points", 129, "λ grid points over the measured λ range")
+_LAM_POINTS = flags.DEFINE_integer(
+    "lam_points", 129, "λ grid k/(N-1) over [0, 1] (129: steps of 1/128), kept within the measured λ range")
 _LEVEL = flags.DEFINE_float("level", 0.9, "credible level of the optimal-λ interval")
 _RUN_ROOT = flags.DEFINE_string(
     "run_root", None, "directory holding the runs' workdirs (config.json + metrics.jsonl) for Figure 1")

@@ -90,7 +90,8 @@ def figure4(source: str, panels: Sequence[Panel], out_dir: pathlib.Path) -> list
     _heat(fig, top, p.fine, p.points.target, norm=norm)
     _scatter(top, p.points, "viridis", norm)
     top.set_ylabel("AR share λ")
-    top.set_title(f"{p.points.target} ({source}); R² = {p.fit.r2:.3f}", fontsize=9)
+    top.set_title(f"{p.points.target} ({source}); R² = {p.fit.r2:.3f} (LOO {p.fit.r2_loo:.2f})",
+                  fontsize=9)
     top.legend(fontsize=6, loc="lower left")
     m = bottom.pcolormesh(p.fine.log2r, p.fine.lam_grid, p.fine.density_RxG.T, shading="nearest",
                           cmap="Blues", rasterized=True)
