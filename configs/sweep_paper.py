@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.repetitions = (1, 2)
     c.lams = (0.5, 0.75)  # dual models: evaluated in all four modes, so every CSV column is set
     c.overrides = ("train.steps=4", "log.every=2", "log.val_every=2", "log.val_batches=1",
-                   "checkpoint.every=4", "eval.every=4", "eval.limit=2")
+                   "checkpoint.every=4", "eval.every=4", "eval.limit=1")
     c.launch.update(dict(accelerator="v5e-8", nodes=1, gpus_per_node=8))
   elif arg not in (None, ""):
     raise ValueError(f"config variant must be '' or 'tiny', got {arg!r}")

@@ -149,7 +149,7 @@ def row(workdir: str | os.PathLike, point: str | None = None) -> dict[str, Any]:
   for m in MODES:
     v = avg(m)
     out[f"avg/{m}"] = math.nan if v is None else float(v)
-  return out
+  return {c: out[c] for c in COLUMNS}
 
 
 def write_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> pathlib.Path:

@@ -26,6 +26,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+import warnings
 from typing import Sequence
 
 from absl import flags
@@ -127,7 +128,9 @@ def trainer_config(args: Sequence[str]) -> ml_collections.ConfigDict:
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "training config", flag_values=fv, sys_argv=args)
   try:
-    fv(args)
+    with warnings.catch_warnings():  # ml_collections loads config files with load_module()
+      warnings.simplefilter("ignore", DeprecationWarning)
+      fv(args)
     cfg = fv["config"].value
     cfg.keys()
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:

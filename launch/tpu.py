@@ -189,8 +189,9 @@ def run_script(runs: list[list[str]]) -> str:
       f'PY="{REMOTE_VENV}/bin/python"', f'LOG="{LOG}"', f"one() {{ {one}; }}",
       " && ".join(shlex.join(["one", common.workdir_of(args), *args]) for args in runs),
       f'echo $? > "{RC}"'])
+  # Braces: only the nohup'd sequence goes to the background, after the synchronous rm.
   return (f'cd "{REMOTE_DIR}" && rm -f "{RC}" "{STOPPED}" && '
-          f"nohup bash -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null &")
+          f"{{ nohup bash -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null & }}")
 
 
 def rc_cmd(t: Target) -> list[str]:
