@@ -17,7 +17,8 @@ exit code 2.
   --dry_run       local mode: print the training commands instead of running them.
 
 The sweep config (an ml_collections file, see configs/sweep_paper.py) has the fields
-base, repetitions, lams, seeds, overrides, prepared_dir and launch.
+base, repetitions, lams, seeds, overrides, prepared_dir and launch; '{root}' in overrides and
+prepared_dir stands for --root.
 """
 
 import dataclasses
@@ -172,9 +173,9 @@ def plan(sweep: ml_collections.ConfigDict, root: str | os.PathLike) -> Plan:
   if not isinstance(overrides, (tuple, list)) or not all(
       isinstance(o, str) and "=" in o for o in overrides):
     raise SweepError("sweep config: 'overrides' must be a tuple of 'section.field=value' strings")
-  extra = [f"--config.{o}" for o in overrides]
+  extra = [f"--config.{o}".replace("{root}", str(root)) for o in overrides]
   if sweep.get("prepared_dir"):
-    extra.append(f"--config.data.prepared_dir={str(sweep.prepared_dir).format(root=root)}")
+    extra.append(f"--config.data.prepared_dir={sweep.prepared_dir}".replace("{root}", str(root)))
   points = grid(sweep)
   args, cfgs = {}, {}
   for p in points:

@@ -29,6 +29,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -49,7 +50,7 @@ _QUEUED = flags.DEFINE_bool("queued", False, "create the slice through a queued 
 _RUNTIME = flags.DEFINE_string("runtime_version", None, "TPU software version (default: by generation)", flag_values=FLAGS)
 _RUN = flags.DEFINE_multi_string("run", [], "dualjax.main arguments of one run (repeatable; in order)", flag_values=FLAGS)
 _NFS = flags.DEFINE_string("nfs", None, "setup: mount this NFS export (HOST:/PATH, e.g. Filestore) at --mount_point", flag_values=FLAGS)
-_GCSFUSE = flags.DEFINE_string("gcsfuse_bucket", None, "setup: mount this bucket with gcsfuse at --mount_point", flag_values=FLAGS)
+_GCSFUSE = flags.DEFINE_string("gcsfuse_bucket", None, "setup: mount this bucket with gcsfuse at --mount_point (gcsfuse must be on the image)", flag_values=FLAGS)
 _MOUNT_POINT = flags.DEFINE_string("mount_point", "/mnt/dualjax", "where --nfs / --gcsfuse_bucket is mounted", flag_values=FLAGS)
 _JAX_SPEC = flags.DEFINE_string("jax_spec", "jax[tpu]==0.10.2", "setup: the jax requirement installed on the workers", flag_values=FLAGS)
 _PYTHON_VERSION = flags.DEFINE_string("python_version", "3.12", "setup: Python of the workers' venv (uv)", flag_values=FLAGS)
@@ -77,7 +78,10 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, one per line
 REMOTE_DIR = "$HOME/dualjax"
 REMOTE_VENV = "$HOME/dualjax-venv"
 REMOTE_TARBALL = "dualjax-src.tar.gz"  # relative to the worker's home (scp destination)
-LOG, PID, RC, STOPPED = (f"$HOME/dualjax-run.{x}" for x in ("log", "pid", "rc", "stopped"))
+LOG, PID, RC, STOPPED, WPID = (f"$HOME/dualjax-run.{x}" for x in (
+    "log", "pid", "rc", "stopped", "wpid"))
+# True on a worker while a run sequence started by `run` is going (its wrapper shell is alive).
+ACTIVE = f'[ -e "{WPID}" ] && kill -0 "$(cat "{WPID}")" 2>/dev/null'
 UNFINISHED, USER_STOP = 75, 130  # run exit codes: trainer exited 0 before the end; `stop`
 
 
@@ -153,6 +157,7 @@ def install_script(jax_spec: str, python_version: str, nfs: str | None, bucket: 
   mp = shlex.quote(mount_point)
   lines = [
       "set -e",
+      f'if {ACTIVE}; then echo "a dualjax run is going on $(hostname): stop it first" >&2; exit 1; fi',
       f'rm -rf "{REMOTE_DIR}" && mkdir -p "{REMOTE_DIR}" && tar -xzf "$HOME/{REMOTE_TARBALL}" -C "{REMOTE_DIR}"',
       'python3 -m pip install --user --quiet --upgrade uv',
       f'[ -x "{REMOTE_VENV}/bin/python" ] || "$HOME/.local/bin/uv" venv --python {shlex.quote(python_version)} "{REMOTE_VENV}"',
@@ -166,7 +171,8 @@ def install_script(jax_spec: str, python_version: str, nfs: str | None, bucket: 
     lines += ['command -v gcsfuse >/dev/null || { echo "gcsfuse is not installed: '
               'https://cloud.google.com/storage/docs/cloud-storage-fuse/install" >&2; exit 1; }',
               f'sudo mkdir -p {mp} && sudo chown "$USER" {mp}',
-              f"mountpoint -q {mp} || gcsfuse --implicit-dirs {shlex.quote(bucket)} {mp}"]
+              f"mountpoint -q {mp} || gcsfuse --implicit-dirs --rename-dir-limit=1000000 "
+              f"{shlex.quote(bucket)} {mp}"]
   return "; ".join(lines)
 
 
@@ -188,10 +194,17 @@ def run_script(runs: list[list[str]]) -> str:
   inner = "; ".join([
       f'PY="{REMOTE_VENV}/bin/python"', f'LOG="{LOG}"', f"one() {{ {one}; }}",
       " && ".join(shlex.join(["one", common.workdir_of(args), *args]) for args in runs),
-      f'echo $? > "{RC}"'])
-  # Braces: only the nohup'd sequence goes to the background, after the synchronous rm.
-  return (f'cd "{REMOTE_DIR}" && rm -f "{RC}" "{STOPPED}" && '
-          f"{{ nohup bash -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null & }}")
+      # the wrapper counts as gone once the exit code is there
+      f'rc=$?; rm -f "{WPID}"; echo $rc > "{RC}"'])
+  # Nothing is started where a run is going. Braces: only the nohup'd sequence goes to the
+  # background, after the synchronous rm (a caller may poll the exit-code file right away).
+  return (f'cd "{REMOTE_DIR}" && if {ACTIVE}; then echo "a dualjax run is already going on '
+          f'$(hostname)"; else rm -f "{RC}" "{STOPPED}" && {{ nohup bash -c {shlex.quote(inner)} '
+          f'> /dev/null 2>&1 < /dev/null & echo $! > "{WPID}"; }}; fi')
+
+
+def active_cmd(t: Target) -> list[str]:
+  return ssh_cmd(t, f"if {ACTIVE}; then echo running; fi", worker="0")
 
 
 def rc_cmd(t: Target) -> list[str]:
@@ -207,7 +220,7 @@ def stop_cmd(t: Target) -> list[str]:
 
 
 def tarball(t: Target) -> str:
-  return f"/tmp/dualjax-src-{t.name}.tar.gz"
+  return os.path.join(tempfile.gettempdir(), f"dualjax-src-{t.name}.tar.gz")
 
 
 def setup_cmds(t: Target) -> list[list[str]]:
@@ -291,6 +304,9 @@ def launch(t: Target, runs: list[list[str]]) -> int:
       _check(create_cmd(t))
       wait_ready(t)
       fresh = True
+    elif fresh and "running" in _call(active_cmd(t), capture=True).stdout:
+      fresh = False  # `launch` was restarted while its run goes on: watch it
+      print(f"{t.name}: a run is going; watching it", file=sys.stderr)
     if fresh:
       for cmd in setup_cmds(t):
         _check(cmd)

@@ -326,6 +326,9 @@ def test_tpu_run_script_stop_resume_skip(tmp_path, embedded_prepared, capsys):  
 
   subprocess.run(["bash", "-c", start], env=env, check=True, timeout=60)
   _wait_for(lambda: _logged_step(wd, 3), what="step 3")
+  again = subprocess.run(["bash", "-c", start], env=env, check=True, timeout=60,
+                         capture_output=True, text=True)
+  assert "already going" in again.stdout                 # no second trainer on the same workdir
   subprocess.run(["bash", "-c", stop], env=env, check=True, timeout=60)   # SIGTERM: save, exit 0
   _wait_for(rc_file.exists, what="the run's exit code file")
   assert int(rc_file.read_text()) == tpu.USER_STOP
@@ -335,6 +338,7 @@ def test_tpu_run_script_stop_resume_skip(tmp_path, embedded_prepared, capsys):  
   log = (home / "dualjax-run.log").read_text()
   assert rc == 0, log[-3000:]
   assert f"resumed from step {saved[-1]}" in log and (wd / "checkpoints" / "25").is_dir()
+  assert log.count(" start ") == 2
   assert start_and_wait() == 0                            # finished: skipped
   assert (home / "dualjax-run.log").read_text() == log
 
@@ -381,3 +385,68 @@ def test_slurm_script_requeue_and_resume(tmp_path, embedded_prepared, capsys):  
   assert r.returncode == 0, r.stdout + r.stderr
   assert "resumed from step" in r.stdout + r.stderr and (wd / "checkpoints" / "25").is_dir()
   assert (tmp_path / "scontrol.log").read_text() == "requeue 1\n"
+
+
+FAKE_GCLOUD = r'''#!/usr/bin/env python3
+"""Stands in for gcloud: a TPU node whose state lives in $FAKE/state; the run's exit codes are
+read, one per poll, from $FAKE/rcs; a preemption is scheduled by $FAKE/preempt_after (polls)."""
+import os, pathlib, sys
+d = pathlib.Path(os.environ["FAKE"])
+a = sys.argv[1:]
+with (d / "calls").open("a") as f:
+  f.write(" ".join(a[2:4]) + (" " + next((x for x in a if x.startswith("--worker")), "")).rstrip() + "\n")
+state = d / "state"
+verb = (a[2], a[3])
+if verb == ("tpu-vm", "describe"):
+  if not state.exists():
+    sys.exit(1)
+  polls = int((d / "polls").read_text()) if (d / "polls").exists() else 0
+  (d / "polls").write_text(str(polls + 1))
+  pre = d / "preempt_after"
+  if pre.exists() and polls + 1 >= int(pre.read_text()):
+    pre.unlink()
+    state.write_text("PREEMPTED")
+  print(state.read_text())
+elif verb == ("tpu-vm", "create"):
+  state.write_text("READY")
+elif verb == ("tpu-vm", "delete"):
+  state.unlink()
+elif verb == ("tpu-vm", "ssh"):
+  cmd = next(x for x in a if x.startswith("--command="))
+  if cmd.startswith('--command=cat "$HOME/dualjax-run.rc"'):  # the exit-code poll
+    rcs = (d / "rcs").read_text().split("\n")
+    print(rcs[0])
+    (d / "rcs").write_text("\n".join(rcs[1:]))
+'''
+
+
+def test_tpu_launch_loop_recreates_a_preempted_slice(tmp_path):
+  fake = tmp_path / "fake"
+  (fake / "bin").mkdir(parents=True)
+  g = fake / "bin" / "gcloud"
+  g.write_text(FAKE_GCLOUD)
+  g.chmod(0o755)
+  (fake / "preempt_after").write_text("3")       # the 3rd describe of the node finds it preempted
+  (fake / "rcs").write_text("\n" + f"{tpu.UNFINISHED}\n" + "\n0\n")  # running, SIGTERMed, running, done
+  env = dict(os.environ, FAKE=str(fake), PATH=f"{fake / 'bin'}{os.pathsep}{os.environ['PATH']}",
+             JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path))
+  r = subprocess.run([sys.executable, "-m", "launch.tpu", "launch", f"--name=loop{os.getpid()}",
+                      "--accelerator=v5p-8", "--zone=z", "--poll_seconds=0", "--delete_when_done",
+                      "--", *RUN], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                     check=False)
+  out = r.stderr
+  assert r.returncode == 0, out
+  calls = (fake / "calls").read_text().splitlines()
+  setup = ["tpu-vm scp --worker=all", "tpu-vm ssh --worker=all", "tpu-vm ssh --worker=all"]
+  assert calls == (
+      ["tpu-vm describe", "tpu-vm create", "tpu-vm describe"] + setup         # create, wait, setup+run
+      + ["tpu-vm describe", "tpu-vm ssh --worker=0",                         # poll: running
+         "tpu-vm describe",                                                  # poll: preempted
+         "tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm describe"] + setup
+      + ["tpu-vm describe", "tpu-vm ssh --worker=0",                         # 75: SIGTERMed
+         "tpu-vm describe", "tpu-vm ssh --worker=all",                       # start it again
+         "tpu-vm describe", "tpu-vm ssh --worker=0",                         # running
+         "tpu-vm describe", "tpu-vm ssh --worker=0",                         # 0: done
+         "tpu-vm delete"])
+  assert "recreating it" in out and "every run finished" in out
+  assert (tmp_path / f"dualjax-src-loop{os.getpid()}.tar.gz").is_file()  # the checkout, packed
