@@ -2,7 +2,8 @@
 
 `python -m dualjax.sweep --config=configs/sweep_paper.py --root=DIR [--mode=launch]`.
 Variant `:tiny`: a 2 x 2 grid of the CPU-sized model, a few steps each, with the nine-task
-evaluation (2 items per task) at the end, for tests and a quick look at the whole pipeline.
+evaluation (1 item per task, all four modes) at the end, for tests and a quick look at the
+whole pipeline (about 16 s of CPU per point).
 
 lam values. The extracted paper text lost the numbers of Figure 4 (its "lambda" symbols are
 blank). The values below are those the paper names elsewhere plus those of the authors' released

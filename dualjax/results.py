@@ -139,7 +139,8 @@ def row(workdir: str | os.PathLike, point: str | None = None) -> dict[str, Any]:
     get = lambda t, m, k: flat.get(f"{t}/{m}/{k}")  # noqa: E731
     avg = lambda m: flat.get(f"headline/{m}")  # noqa: E731
   else:
-    get = lambda t, m, k: ev.get("tasks", {}).get(t, {}).get("modes", {}).get(m, {}).get(k)  # noqa: E731
+    get = lambda t, m, k: (  # noqa: E731
+        ev.get("tasks", {}).get(t, {}).get("modes", {}).get(m, {}).get(k))
     avg = lambda m: ev.get("headline", {}).get(m, {}).get("score")  # noqa: E731
   for t in TASKS:
     for m in MODES:

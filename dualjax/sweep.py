@@ -44,13 +44,19 @@ FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "sweep config file, e.g. configs/sweep_paper.py or configs/sweep_paper.py:tiny",
     flag_values=FLAGS)
-_ROOT = flags.DEFINE_string("root", None, "directory holding one workdir per point", flag_values=FLAGS)
-_MODE = flags.DEFINE_enum("mode", "local", ["local", "launch"],
-                          "local: train here one point after another; launch: print launch commands", flag_values=FLAGS)
-_COLLECT = flags.DEFINE_bool("collect", False, "write the results CSV of the finished points", flag_values=FLAGS)
-_OUT = flags.DEFINE_string("out", None, "--collect: CSV path (default ROOT/results.csv)", flag_values=FLAGS)
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "local mode: print the commands, run nothing", flag_values=FLAGS)
-_FINISHED = flags.DEFINE_string("finished", None, "exit 0 if the run in this workdir is finished, else 1", flag_values=FLAGS)
+_ROOT = flags.DEFINE_string("root", None, "directory holding one workdir per point",
+                            flag_values=FLAGS)
+_MODE = flags.DEFINE_enum(
+    "mode", "local", ["local", "launch"],
+    "local: train here one point after another; launch: print launch commands", flag_values=FLAGS)
+_COLLECT = flags.DEFINE_bool("collect", False, "write the results CSV of the finished points",
+                             flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "--collect: CSV path (default ROOT/results.csv)",
+                           flag_values=FLAGS)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "local mode: print the commands, run nothing",
+                             flag_values=FLAGS)
+_FINISHED = flags.DEFINE_string(
+    "finished", None, "exit 0 if the run in this workdir is finished, else 1", flag_values=FLAGS)
 
 
 class SweepError(ValueError):
@@ -234,7 +240,8 @@ def run_local(p: Plan, dry_run: bool = False) -> int:
     return 0
   done = len(p.points) - len(failed)
   print(f"sweep: {done}/{len(p.points)} points finished" + (
-      "; failed: " + ", ".join(f"{n} (exit {rc})" for n, rc in failed) if failed else ""),
+      "; failed: " + ", ".join(f"{n} ({f'exit {rc}' if rc else 'stopped before train.steps'})"
+                               for n, rc in failed) if failed else ""),
         file=sys.stderr if failed else sys.stdout)
   return 1 if failed else 0
 

@@ -20,6 +20,12 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def wants_help(argv: Sequence[str]) -> bool:
+  """-h / --help / --helpfull among the launcher's own arguments (before a '--')."""
+  own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  return any(a in ("-h", "--help", "--helpfull") for a in own)
+
+
 def normalise_argv(argv: Sequence[str]) -> list[str]:
   """Accepts --dry-run for --dry_run (before a '--' separator)."""
   out, seen_sep = [], False

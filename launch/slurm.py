@@ -19,6 +19,7 @@ nothing; --print_script prints the whole batch script. Before anything is writte
 is checked against N x G devices (mesh and lam split): a mismatch is one line and exit code 2.
 """
 
+import functools
 import os
 import pathlib
 import shlex
@@ -31,29 +32,26 @@ from dualjax import accelerators
 from launch import common
 
 FLAGS = flags.FlagValues()  # own flags: dualjax modules imported here define none globally
-_NODES = flags.DEFINE_integer("nodes", 1, "nodes", flag_values=FLAGS)
-_GPUS = flags.DEFINE_integer("gpus_per_node", 8, "GPUs per node (one process each)", flag_values=FLAGS)
-_JOB_NAME = flags.DEFINE_string("job_name", "dualjax", "SLURM job name", flag_values=FLAGS)
-_PARTITION = flags.DEFINE_string("partition", None, "SLURM partition", flag_values=FLAGS)
-_ACCOUNT = flags.DEFINE_string("account", None, "SLURM account", flag_values=FLAGS)
-_TIME = flags.DEFINE_string("time", None, "time limit per allocation, e.g. 24:00:00", flag_values=FLAGS)
-_SBATCH_ARG = flags.DEFINE_multi_string("sbatch_arg", [], "extra sbatch option, e.g. --exclusive",
-                                        flag_values=FLAGS)
-_PYTHON = flags.DEFINE_string("python", sys.executable, "the Python with dualjax installed (on the nodes)",
-                              flag_values=FLAGS)
-_SCRIPT = flags.DEFINE_string("script", None, "batch script path (default slurm/JOB_NAME.sbatch)",
-                              flag_values=FLAGS)
-_LOG_DIR = flags.DEFINE_string("log_dir", "slurm", "directory of the job's output files (and of the default --script)", flag_values=FLAGS)
-_SIGNAL_SECONDS = flags.DEFINE_integer("signal_seconds", 300, "USR1 this many seconds before the time limit",
-                                       flag_values=FLAGS)
-_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 50, "no requeue after this many restarts", flag_values=FLAGS)
-_PORT_BASE = flags.DEFINE_integer("port_base", 20000, "coordinator port = port_base + job id % 10000",
-                                  flag_values=FLAGS)
-_RUN = flags.DEFINE_multi_string("run", [], "dualjax.main arguments of one run (repeatable; in order)",
-                                 flag_values=FLAGS)
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, one per line; write nothing", flag_values=FLAGS)
-_PRINT_SCRIPT = flags.DEFINE_bool("print_script", False, "print the batch script; write nothing",
-                                  flag_values=FLAGS)
+_str = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
+_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
+_int = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+_multi = functools.partial(flags.DEFINE_multi_string, flag_values=FLAGS)
+_NODES = _int("nodes", 1, "nodes")
+_GPUS = _int("gpus_per_node", 8, "GPUs per node (one process each)")
+_JOB_NAME = _str("job_name", "dualjax", "SLURM job name")
+_PARTITION = _str("partition", None, "SLURM partition")
+_ACCOUNT = _str("account", None, "SLURM account")
+_TIME = _str("time", None, "time limit per allocation, e.g. 24:00:00")
+_SBATCH_ARG = _multi("sbatch_arg", [], "extra sbatch option, e.g. --exclusive (repeatable)")
+_PYTHON = _str("python", sys.executable, "the Python with dualjax installed (on the nodes)")
+_SCRIPT = _str("script", None, "batch script path (default LOG_DIR/JOB_NAME.sbatch)")
+_LOG_DIR = _str("log_dir", "slurm", "directory of the job's output (and of the default --script)")
+_SIGNAL_SECONDS = _int("signal_seconds", 300, "USR1 this many seconds before the time limit")
+_MAX_RESTARTS = _int("max_restarts", 50, "no requeue after this many restarts")
+_PORT_BASE = _int("port_base", 20000, "coordinator port = port_base + job id % 10000")
+_RUN = _multi("run", [], "dualjax.main arguments of one run (repeatable; in order)")
+_DRY_RUN = _bool("dry_run", False, "print the commands, one per line; write nothing")
+_PRINT_SCRIPT = _bool("print_script", False, "print the batch script; write nothing")
 
 # Options used, as documented: https://slurm.schedmd.com/sbatch.html (--parsable --job-name
 # --nodes --ntasks-per-node --gpus-per-node --requeue --signal=[{R|B}:]<sig_num>[@sig_time]
@@ -137,7 +135,7 @@ def batch_script(runs: list[list[str]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:argv.index("--") if "--" in argv else None]):
+  if common.wants_help(argv):
     print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(sys.modules[__name__]))
     return 0
   argv = common.normalise_argv(argv)

@@ -25,6 +25,7 @@ paths every worker sees (an NFS share or a gcsfuse-mounted bucket; launch/README
 """
 
 import dataclasses
+import functools
 import os
 import shlex
 import subprocess
@@ -40,25 +41,31 @@ from launch import common
 FLAGS = flags.FlagValues()  # own flags: dualjax modules imported here define none globally
 ACTIONS = ("create", "setup", "run", "status", "logs", "stop", "delete", "launch")
 
-_NAME = flags.DEFINE_string("name", None, "TPU VM (node) name; the queued resource is NAME-qr", flag_values=FLAGS)
-_ACCELERATOR = flags.DEFINE_string(
-    "accelerator", None, "accelerator type: v4-N, v5p-N (N TensorCores), v5e-N = v5litepod-N, v6e-N (N chips)", flag_values=FLAGS)
-_ZONE = flags.DEFINE_string("zone", None, "zone, e.g. us-east5-a (default: $DUALJAX_ZONE, $CLOUDSDK_COMPUTE_ZONE)", flag_values=FLAGS)
-_PROJECT = flags.DEFINE_string("project", None, "project (default: $DUALJAX_PROJECT, $CLOUDSDK_CORE_PROJECT, gcloud's)", flag_values=FLAGS)
-_SPOT = flags.DEFINE_bool("spot", False, "create a Spot slice (preemptible; `launch` recreates it)", flag_values=FLAGS)
-_QUEUED = flags.DEFINE_bool("queued", False, "create the slice through a queued resource (waits for capacity)", flag_values=FLAGS)
-_RUNTIME = flags.DEFINE_string("runtime_version", None, "TPU software version (default: by generation)", flag_values=FLAGS)
-_RUN = flags.DEFINE_multi_string("run", [], "dualjax.main arguments of one run (repeatable; in order)", flag_values=FLAGS)
-_NFS = flags.DEFINE_string("nfs", None, "setup: mount this NFS export (HOST:/PATH, e.g. Filestore) at --mount_point", flag_values=FLAGS)
-_GCSFUSE = flags.DEFINE_string("gcsfuse_bucket", None, "setup: mount this bucket with gcsfuse at --mount_point (gcsfuse must be on the image)", flag_values=FLAGS)
-_MOUNT_POINT = flags.DEFINE_string("mount_point", "/mnt/dualjax", "where --nfs / --gcsfuse_bucket is mounted", flag_values=FLAGS)
-_JAX_SPEC = flags.DEFINE_string("jax_spec", "jax[tpu]==0.10.2", "setup: the jax requirement installed on the workers", flag_values=FLAGS)
-_PYTHON_VERSION = flags.DEFINE_string("python_version", "3.12", "setup: Python of the workers' venv (uv)", flag_values=FLAGS)
-_WORKER = flags.DEFINE_string("worker", "0", "logs: which worker's log", flag_values=FLAGS)
-_POLL = flags.DEFINE_integer("poll_seconds", 120, "launch: seconds between state checks", flag_values=FLAGS)
-_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 20, "launch: give up after this many restarts", flag_values=FLAGS)
-_DELETE_WHEN_DONE = flags.DEFINE_bool("delete_when_done", False, "launch: delete the slice when every run finished", flag_values=FLAGS)
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, one per line; run nothing", flag_values=FLAGS)
+_str = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
+_bool = functools.partial(flags.DEFINE_bool, flag_values=FLAGS)
+_int = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+_NAME = _str("name", None, "TPU VM (node) name; the queued resource is NAME-qr")
+_ACCELERATOR = _str("accelerator", None, "accelerator type: v4-N, v5p-N (N TensorCores), "
+                    "v5e-N = v5litepod-N, v6e-N (N chips)")
+_ZONE = _str("zone", None, "zone, e.g. us-east5-a (default: $DUALJAX_ZONE, $CLOUDSDK_COMPUTE_ZONE)")
+_PROJECT = _str("project", None,
+                "project (default: $DUALJAX_PROJECT, $CLOUDSDK_CORE_PROJECT, gcloud's own)")
+_SPOT = _bool("spot", False, "create a Spot slice (preemptible; `launch` recreates it)")
+_QUEUED = _bool("queued", False, "create the slice through a queued resource (waits for capacity)")
+_RUNTIME = _str("runtime_version", None, "TPU software version (default: by generation)")
+_RUN = flags.DEFINE_multi_string("run", [], "dualjax.main arguments of one run (repeatable; "
+                                 "in order)", flag_values=FLAGS)
+_NFS = _str("nfs", None, "setup: mount this NFS export (HOST:/PATH, Filestore) at --mount_point")
+_GCSFUSE = _str("gcsfuse_bucket", None,
+                "setup: mount this bucket with gcsfuse at --mount_point (gcsfuse must be installed)")
+_MOUNT_POINT = _str("mount_point", "/mnt/dualjax", "where --nfs / --gcsfuse_bucket is mounted")
+_JAX_SPEC = _str("jax_spec", "jax[tpu]==0.10.2", "setup: the jax requirement of the workers")
+_PYTHON_VERSION = _str("python_version", "3.12", "setup: Python of the workers' venv (uv)")
+_WORKER = _str("worker", "0", "logs: which worker's log")
+_POLL = _int("poll_seconds", 120, "launch: seconds between state checks")
+_MAX_RESTARTS = _int("max_restarts", 20, "launch: give up after this many restarts")
+_DELETE_WHEN_DONE = _bool("delete_when_done", False, "launch: delete the slice once all runs finished")
+_DRY_RUN = _bool("dry_run", False, "print the commands, one per line; run nothing")
 
 # Flags used below, as documented (checked by tests/test_launch.py):
 #   https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/create
@@ -158,10 +165,13 @@ def install_script(jax_spec: str, python_version: str, nfs: str | None, bucket: 
   lines = [
       "set -e",
       f'if {ACTIVE}; then echo "a dualjax run is going on $(hostname): stop it first" >&2; exit 1; fi',
-      f'rm -rf "{REMOTE_DIR}" && mkdir -p "{REMOTE_DIR}" && tar -xzf "$HOME/{REMOTE_TARBALL}" -C "{REMOTE_DIR}"',
+      f'rm -rf "{REMOTE_DIR}" && mkdir -p "{REMOTE_DIR}" && '
+      f'tar -xzf "$HOME/{REMOTE_TARBALL}" -C "{REMOTE_DIR}"',
       'python3 -m pip install --user --quiet --upgrade uv',
-      f'[ -x "{REMOTE_VENV}/bin/python" ] || "$HOME/.local/bin/uv" venv --python {shlex.quote(python_version)} "{REMOTE_VENV}"',
-      f'"$HOME/.local/bin/uv" pip install --quiet --python "{REMOTE_VENV}/bin/python" -e "{REMOTE_DIR}" {shlex.quote(jax_spec)}',
+      f'[ -x "{REMOTE_VENV}/bin/python" ] || '
+      f'"$HOME/.local/bin/uv" venv --python {shlex.quote(python_version)} "{REMOTE_VENV}"',
+      f'"$HOME/.local/bin/uv" pip install --quiet --python "{REMOTE_VENV}/bin/python" '
+      f'-e "{REMOTE_DIR}" {shlex.quote(jax_spec)}',
   ]
   if nfs:
     lines += ["sudo apt-get -qq update && sudo apt-get -qq install -y nfs-common",
@@ -363,7 +373,7 @@ def target() -> Target:
 
 
 def main(argv: list[str]) -> int:
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:argv.index("--") if "--" in argv else None]):
+  if common.wants_help(argv):
     print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(sys.modules[__name__]))
     return 0
   argv = common.normalise_argv(argv)
