@@ -418,6 +418,8 @@ def main(argv: list[str]) -> int:
   except RuntimeError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # e.g. leaving `logs`; the run on the slice goes on
+    return 130
   return 0
 
 
