@@ -266,9 +266,9 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
                  "metadata": metadata}
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   text = str(e).strip()
-  return (text.splitlines()[0] if text else type(e).__name__)[:200]
+  return (text.splitlines()[0] if text else type(e).__name__)[:400]
 
 
 def _read_safetensors(path: pathlib.Path):
@@ -293,7 +293,7 @@ def _read_safetensors(path: pathlib.Path):
   except ConvertError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise ConvertError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    raise ConvertError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
   return state, dtypes, metadata
 
 
@@ -310,7 +310,7 @@ def _read_npz(path: pathlib.Path):
   except ConvertError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise ConvertError(f"{path}: not a readable NumPy .npz archive ({_first_line(e)})") from None
+    raise ConvertError(f"{path}: not a readable NumPy .npz archive ({first_line(e)})") from None
   return state, dtypes
 
 
@@ -322,7 +322,7 @@ def _read_pickle(path: pathlib.Path):
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ConvertError(f"{path}: torch.load(weights_only=True) failed ({_first_line(e)})") from None
+    raise ConvertError(f"{path}: torch.load(weights_only=True) failed ({first_line(e)})") from None
   if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and not any(
       isinstance(v, torch.Tensor) for v in obj.values()):
     obj = obj["model"]  # the authors' resume file: {"model": state_dict, "optimizer": ...}
@@ -541,31 +541,45 @@ def export_checkpoint(workdir: str | os.PathLike, path: str | os.PathLike,
 # ------------------------------------------------------------------------------------------------
 # CLI.
 
-_IMPORT = flags.DEFINE_string("import_from", None, "the authors' state dict to import "
-                              "(.safetensors, .npz; .bin/.pt/.pth with --allow_pickle)")
-_EXPORT = flags.DEFINE_string("export_to", None, "file to export --workdir to (.safetensors, .npz)")
-_OUT = flags.DEFINE_string("out", None, "import: the workdir to create (absent or empty)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "export: the dualjax workdir to read")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "import: the model's tokenizer "
-                                 "(tokenizer.json or a SentencePiece .model)")
-_ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "import: read a PyTorch pickle "
-                                  "(torch.load(weights_only=True))")
-_STEP = flags.DEFINE_integer("step", None, "import: checkpoint step to write (default 0); "
-                             "export: step to read (default the newest)")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", None, "import: attention heads (default: "
-                                  "rows of q / head_dim)")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", None, "import: head size (default 64, the paper's)")
-_ROPE_THETA = flags.DEFINE_float("rope_theta", None, "import: RoPE theta (default 160000)")
-_NORM_EPS = flags.DEFINE_float("norm_eps", None, "import: RMSNorm eps (default 1e-7)")
-_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "import: positions (default 2048)")
-_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32", "float16"],
-                                   "import: matmul dtype of the workdir's model config "
-                                   "(default bfloat16)")
-_LAM = flags.DEFINE_float("lam", None, "import: the AR share the model was trained with "
-                          "(config objective.lam; default unknown, so evaluate offers all modes)")
+FLAGS = flags.FlagValues()  # this CLI's own flags (export and main define --workdir/--out too)
+_IMPORT = flags.DEFINE_string(
+    "import_from", None, "the authors' state dict to import (.safetensors, .npz; .bin/.pt/.pth "
+    "with --allow_pickle)", flag_values=FLAGS)
+_EXPORT = flags.DEFINE_string(
+    "export_to", None, "file to export --workdir to (.safetensors, .npz)", flag_values=FLAGS)
+_OUT = flags.DEFINE_string(
+    "out", None, "import: the workdir to create (absent or empty)", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "export: the dualjax workdir to read", flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "import: the model's tokenizer (tokenizer.json or a SentencePiece .model)",
+    flag_values=FLAGS)
+_ALLOW_PICKLE = flags.DEFINE_bool(
+    "allow_pickle", False, "import: read a PyTorch pickle (torch.load(weights_only=True))",
+    flag_values=FLAGS)
+_STEP = flags.DEFINE_integer(
+    "step", None, "import: checkpoint step to write (default 0); export: step to read (default "
+    "the newest)", flag_values=FLAGS)
+_NUM_HEADS = flags.DEFINE_integer(
+    "num_heads", None, "import: attention heads (default: rows of q / head_dim)", flag_values=FLAGS)
+_HEAD_DIM = flags.DEFINE_integer(
+    "head_dim", None, "import: head size (default: 64, the paper's)", flag_values=FLAGS)
+_ROPE_THETA = flags.DEFINE_float(
+    "rope_theta", None, "import: RoPE theta (default: 160000)", flag_values=FLAGS)
+_NORM_EPS = flags.DEFINE_float(
+    "norm_eps", None, "import: RMSNorm eps (default: 1e-7)", flag_values=FLAGS)
+_MAX_SEQ_LEN = flags.DEFINE_integer(
+    "max_seq_len", None, "import: positions (default: 2048)", flag_values=FLAGS)
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype", None, ["bfloat16", "float32", "float16"], "import: matmul dtype in the "
+    "workdir's model config (default: bfloat16)", flag_values=FLAGS)
+_LAM = flags.DEFINE_float(
+    "lam", None, "import: the AR share the model was trained with (config objective.lam; "
+    "default: unknown, so evaluate offers every mode)", flag_values=FLAGS)
 _SPECIAL = {role: flags.DEFINE_string(
-    f"{role}_token", None, f"import: content of the {role} token in a tokenizer.json (default "
-    f"{tok_lib.DEFAULT_SPECIAL_TOKENS[role]!r})") for role in tok_lib.SPECIAL_ROLES}
+    f"{role}_token", None, f"import: content of the {role} token in a tokenizer.json (default: "
+    f"{tok_lib.DEFAULT_SPECIAL_TOKENS[role]!r})", flag_values=FLAGS)
+            for role in tok_lib.SPECIAL_ROLES}
 
 
 def _fail(message: str) -> None:
@@ -575,13 +589,13 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str]) -> int:
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + flags.FLAGS.module_help(sys.modules[__name__]))
+    print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
     return 0
   try:
-    flags.FLAGS.unparse_flags()
-    extra = flags.FLAGS(argv)[1:]
+    FLAGS.unparse_flags()
+    extra = FLAGS(argv)[1:]
   except flags.Error as e:
-    _fail(_first_line(e))
+    _fail(first_line(e))
   if extra:
     _fail(f"unexpected arguments: {' '.join(extra)} (flags take the form --name=value)")
   if bool(_IMPORT.value) == bool(_EXPORT.value):
@@ -608,7 +622,7 @@ def main(argv: list[str]) -> int:
       print(f"exported step {step} of {_WORKDIR.value} ({_describe_cfg(cfg)}) to "
             f"{_EXPORT.value}")
   except (ConvertError, tok_lib.TokenizerError, ckpt_lib.CheckpointError, ValueError) as e:
-    _fail(_first_line(e))
+    _fail(first_line(e))
   return 0
 
 
