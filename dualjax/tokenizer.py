@@ -75,9 +75,10 @@ class Tokenizer(Protocol):
     """`encode(text)` and each token's [begin, end) character span in `text`.
 
     The spans tile the text: the first begins at 0, each begins where the previous one ended,
-    the last ends at len(text). Characters a token shares with the previous one (the leading
-    bytes of a byte-level or byte-fallback character) make zero-width spans; characters no token
-    stands for (dropped by a normaliser) belong to the next token.
+    the last ends at len(text). A character split over several tokens (byte-level or byte-
+    fallback pieces) belongs to the token that completes it; the tokens before it get zero-width
+    spans at its start. Characters no token stands for (dropped by a normaliser) belong to the
+    next token.
     """
 
 
@@ -314,12 +315,15 @@ class HFTokenizer:
 def tile_spans(offsets: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:
   """Raw token offsets -> spans that tile [0, length) (the `encode_with_offsets` contract).
 
-  Each span begins where the previous ended and ends at max(its own end, its begin); the last
-  ends at `length`. Overlapping offsets (bytes of one character) become zero-width spans.
+  Each span begins where the previous one ended. A token whose characters the next token shares
+  (the leading bytes of a character split over byte tokens) ends where the next one begins, so
+  a character belongs to the token that completes it; the last span ends at `length`.
   """
   out: list[tuple[int, int]] = []
   pos = 0
-  for _, e in offsets:
+  for i, (_, e) in enumerate(offsets):
+    if i + 1 < len(offsets) and offsets[i + 1][0] < e:
+      e = offsets[i + 1][0]
     e = min(max(int(e), pos), length)
     out.append((pos, e))
     pos = e
