@@ -450,8 +450,9 @@ def check_tokenizer(tok: tok_lib.Tokenizer, cfg: model_lib.ModelConfig, where: A
 
 def _save_state(cfg: ml_collections.ConfigDict, params: Any, directory: pathlib.Path,
                 step: int) -> None:
+  """The `state` item on one device (Orbax restores it onto any mesh; one device is fastest)."""
   mesh = mesh_lib.make_mesh(-1, 1, 1)
-  abstract, shardings, _, optimizer = train_lib.abstract_state(cfg, mesh)
+  abstract, _, _, optimizer = train_lib.abstract_state(cfg, mesh)
   want = abstract["params"]
   if jax.tree.structure(params) != jax.tree.structure(want):
     raise ConvertError(f"params do not have the model's tree: {jax.tree.structure(params)}")
@@ -459,15 +460,17 @@ def _save_state(cfg: ml_collections.ConfigDict, params: Any, directory: pathlib.
     if tuple(np.shape(x)) != tuple(w.shape):
       raise ConvertError(f"params{jax.tree_util.keystr(path)} has shape {list(np.shape(x))}, "
                          f"expected {list(w.shape)}")
-  params = jax.tree.map(lambda x, w, sh: jax.device_put(np.asarray(x, w.dtype), sh),
-                        params, want, shardings["params"])
+  device = jax.devices()[0]
+  params = jax.tree.map(lambda x, w: jax.device_put(np.asarray(x, w.dtype), device), params, want)
   state = {
       "params": params,
-      "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),
-      "step": jax.device_put(jnp.asarray(step, jnp.int32), shardings["step"]),
-      "rng": jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1)),
-                            shardings["rng"]),
+      "opt_state": jax.jit(optimizer.init)(params),
+      "step": jax.device_put(jnp.asarray(step, jnp.int32), device),
+      "rng": jax.device_put(
+          jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1)), device),
   }
+  if jax.tree.structure(state) != jax.tree.structure(abstract):
+    raise ConvertError("the training state does not have train.abstract_state's tree")
   manager = ocp.CheckpointManager(
       (directory / "checkpoints").absolute(),
       options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))

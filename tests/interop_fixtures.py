@@ -1,6 +1,5 @@
 """Helpers for the interop tests: a tiny random model, texts, and an authors-style tokenizer.json."""
 
-import io
 import json
 import pathlib
 
@@ -29,15 +28,15 @@ def corpus_texts(n: int = 40) -> list[str]:
 
 
 def tiny_model(head: str = "mlp", vocab_size: int = 512, seed: int = 1, **kw):
-  """(cfg, params): a ~55k-parameter model whose every tensor is random (no zero projections)."""
+  """(cfg, params): a ~55k-parameter model whose every tensor is random (NumPy float32)."""
   cfg = model_lib.ModelConfig(vocab_size=vocab_size, num_layers=2, d_model=32, num_heads=2,
                               head_dim=16, mlp_dim=64, max_seq_len=128, compute_dtype="float32",
                               head=head, **kw)
-  params = model_lib.init(cfg, jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      np.asarray(x + 0.2 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+  abstract = jax.eval_shape(lambda: model_lib.init(cfg, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
+      + 0.2 * rng.standard_normal(x.shape, np.float32), abstract)
   return cfg, params
 
 
@@ -62,9 +61,3 @@ def authors_style_tokenizer(path: pathlib.Path, texts: list[str], vocab_size: in
       single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
   tok.save(str(path))
   return path
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  return buf.getvalue()
