@@ -11,6 +11,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from dualjax import model as model_lib
+from dualjax import tokenizer as tok_lib
 
 CORPUS = pathlib.Path(__file__).resolve().parents[1] / "dualjax" / "corpus" / "val.jsonl.zst"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>" for i in range(11)]
@@ -60,4 +61,10 @@ def authors_style_tokenizer(path: pathlib.Path, texts: list[str], vocab_size: in
   tok.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
   tok.save(str(path))
+  return path
+
+
+def sentencepiece_model(path: pathlib.Path, vocab_size: int = 512) -> pathlib.Path:
+  """dualjax's own SentencePiece BPE, trained on 40 embedded documents."""
+  tok_lib.train_sentencepiece(corpus_texts(40), path, vocab_size=vocab_size)
   return path
