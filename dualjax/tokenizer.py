@@ -281,6 +281,14 @@ class HFTokenizer:
     self._drop = frozenset(self.special_ids.values()) | frozenset(
         i for i, t in self.tk.get_added_tokens_decoder().items() if t.special)
 
+  def __getstate__(self) -> dict:
+    return dict(self.__dict__, tk=self.tk.to_str())
+
+  def __setstate__(self, state: dict) -> None:
+    tk = tokenizers.Tokenizer.from_str(state["tk"])
+    tk.encode_special_tokens = True  # not part of the serialised tokenizer
+    self.__dict__.update(state, tk=tk)
+
   @property
   def vocab_size(self) -> int:
     return self.tk.get_vocab_size(with_added_tokens=True)

@@ -230,6 +230,21 @@ def test_hf_tokenizer_is_picked_up_from_the_imported_workdir(tiny, tmp_path):
   assert tok.decode(tok.encode(text)) == text
 
 
+def test_special_token_flags_map_a_foreign_tokenizer(tiny, tmp_path, capsys):
+  hf = authors_style_tokenizer(tmp_path / "t.json", corpus_texts(4), vocab_size=300,
+                               specials=["<unk>", "<|endoftext|>", "<pad>", "[MASK]"],
+                               bos="<|endoftext|>")
+  src = _authors_file(tiny, tmp_path / "authors.safetensors")
+  args = [f"--import_from={src}", f"--tokenizer={hf}", f"--out={tmp_path / 'w'}", "--num_heads=2"]
+  msg = _main(capsys, *args)
+  assert f"tokenizer file {hf} has no bos token '<s>'" in msg and "--bos_token" in msg
+  assert not (tmp_path / "w").exists()
+  assert convert.main(["convert", *args, "--bos_token=<|endoftext|>", "--eos_token=<|endoftext|>",
+                       "--mask_token=[MASK]"]) == 0
+  prov = json.loads((tmp_path / "w" / convert.PROVENANCE_FILE).read_text())
+  assert prov["tokenizer"]["special_ids"] == {"unk": 0, "bos": 1, "eos": 1, "pad": 2, "mask": 3}
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: one line naming the tensor or file, exit 2, nothing written.
 

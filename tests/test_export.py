@@ -55,7 +55,9 @@ def dual(tmp_path_factory, sp_path):
   cfg, params = tiny_model("mlp")
   convert.write_workdir(params, cfg, sp_path, d / "work")
   export.export(d / "work", d / "hf")
-  hf = transformers.AutoModelForCausalLM.from_pretrained(d / "hf", trust_remote_code=True)
+  hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+      d / "hf", trust_remote_code=True, output_loading_info=True)
+  assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   return cfg, params, hf.eval(), d
 
 
@@ -66,7 +68,8 @@ def llama(tmp_path_factory, sp_path):
   cfg, params = tiny_model("linear", norm_eps=1e-5, rope_theta=50_000.0)
   convert.write_workdir(params, cfg, sp_path, d / "work")
   export.export(d / "work", d / "hf", plain_llama=True)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(d / "hf")
+  hf, info = transformers.AutoModelForCausalLM.from_pretrained(d / "hf", output_loading_info=True)
+  assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   return cfg, params, hf.eval(), d
 
 

@@ -11,6 +11,7 @@ from dualjax import tokenizer as tok_lib
 from data_fixtures import embedded_prepared  # noqa: F401  pylint: disable=unused-import
 
 from dualjax import prepare as prepare_lib
+from dualjax.evaluation import scoring
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,15 @@ def test_offsets_cover_text(tok):
     assert pos == len(t)
 
 
+def test_offsets_equal_the_proto_byte_offsets(tok):
+  """encode_with_offsets = SentencePiece's proto byte offsets in characters (what
+  evaluation.scoring derives from a bare processor), wherever no U+2581 is in the text."""
+  rng = random.Random(3)
+  for t in ["hello  world\n", "日本語 🎉 x"] + [_random_text(rng, 30) for _ in range(50)]:
+    t = t.replace("\u2581", "")
+    assert tok.encode_with_offsets(t) == scoring.encode_with_char_spans(tok.sp, t), repr(t)
+
+
 def test_checksum_is_sha256_of_model_file(embedded_prepared, tok):  # noqa: F811
   assert tok.checksum == hashlib.sha256((embedded_prepared / "tokenizer.model").read_bytes()).hexdigest()
 
@@ -103,6 +113,7 @@ def test_train_small_and_reject_foreign_layout(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # HFTokenizer: a byte-level BPE tokenizer.json with the authors' custom normaliser.
 
+import pickle  # noqa: E402
 import unicodedata  # noqa: E402
 
 from interop_fixtures import SPECIALS, authors_style_tokenizer, corpus_texts  # noqa: E402
@@ -152,6 +163,9 @@ def test_hf_tokenizer_round_trip_and_protocol(hf_path):
   ids = tok.encode("<mask> <s></s><pad>")
   assert not set(ids) & set(tok.special_ids.values())
   assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.mask_id]) == "<mask> <s></s><pad>"
+  # Pickled (spawned prepare workers) it encodes the same, special tokens' text included.
+  again = pickle.loads(pickle.dumps(tok))
+  assert again.encode("<mask> x") == tok.encode("<mask> x") and again.special_ids == tok.special_ids
   # Text the normaliser changes is not kept (NFD -> NFC, spaces before a newline dropped).
   assert tok.decode(tok.encode("e\u0301 a  \nb")) == "\u00e9 a\nb"
   _check_tiling(tok, "e\u0301 a  \nb")
