@@ -353,6 +353,7 @@ def write_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike,
     arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
     if fmt == "safetensors":
       safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata or {}))
+      os.chmod(tmp, 0o644)  # the library writes 0600
     else:
       with tmp.open("wb") as f:
         np.savez(f, **arrays)
@@ -493,6 +494,8 @@ def import_checkpoint(path: str | os.PathLike, tokenizer_path: str | os.PathLike
   out = check_out_dir(out)
   if step < 0:
     raise ConvertError(f"--step must be >= 0, got {step}")
+  if lam is not None and not 0.0 <= lam <= 1.0:
+    raise ConvertError(f"--lam must be in [0, 1], got {lam}")
   if not pathlib.Path(tokenizer_path).is_file():
     raise ConvertError(f"--tokenizer {tokenizer_path}: file not found")
   tok = tok_lib.load_tokenizer(tokenizer_path, special_ids)
@@ -507,6 +510,7 @@ def import_checkpoint(path: str | os.PathLike, tokenizer_path: str | os.PathLike
   overrides = {k: v for k, v in overrides.items() if v is not None}
   cfg = infer_config(state, str(path), **overrides)
   params = from_authors(state, cfg, str(path))
+  del state  # peak memory: one copy of the weights less
   check_tokenizer(tok, cfg, tokenizer_path)
   source = {"file": str(pathlib.Path(path).absolute()), "sha256": sha256_file(path),
             "layout": "ltgoslo/dual-language-models state dict", **{

@@ -202,6 +202,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
   try:
     safetensors.numpy.save_file(hf_state_dict(params, cfg), str(tmp / "model.safetensors"),
                                 metadata={"format": "pt"})
+    os.chmod(tmp / "model.safetensors", 0o644)  # the library writes 0600
     for name, data in files.items():
       (tmp / name).write_bytes(data)
     if not plain_llama:

@@ -87,6 +87,12 @@ def test_layout_names_shapes_and_inverse(tiny):
   with pytest.raises(convert.ConvertError, match="32 rows, not num_heads x head_dim = 0 x 64"):
     convert.infer_config(sd)
   assert convert.infer_config(sd, head_dim=8).num_heads == 4
+  # The paper's model from its shapes alone (no flags): every default is the paper's.
+  paper = model_lib.ModelConfig()
+  shapes = {k: jax.ShapeDtypeStruct(v, np.float32)
+            for k, v in convert.authors_shapes(paper).items()}
+  assert convert.infer_config(shapes) == paper
+  assert shapes["encoder.layers.23.mlp.up_proj.weights.0"].shape == (3554, 1024)
 
 
 def _authors_forward(sd, tokens, *, heads, causal, theta=160_000.0, eps=1e-7):
