@@ -18,7 +18,6 @@ Offsets: `encode_with_offsets(text)` gives spans that tile the text (see `Tokeni
 
 import hashlib
 import io
-import json
 import os
 import pathlib
 from typing import Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
@@ -37,7 +36,6 @@ SPECIAL_ROLES = ("unk", "bos", "eos", "pad", "mask")
 # Role -> token content looked up in a tokenizer.json (the authors' layout; ours too).
 DEFAULT_SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>",
                           "mask": "<mask>"}
-KINDS = ("sentencepiece", "tokenizers")
 
 __all__ = ["UNK", "BOS", "EOS", "PAD", "MASK", "NUM_SPECIAL", "SPECIAL_PIECES", "SPECIAL_ROLES",
            "DEFAULT_SPECIAL_TOKENS", "Tokenizer", "TokenizerError", "SentencePieceTokenizer",

@@ -1,4 +1,4 @@
-"""Helpers for the interop tests: a tiny random model, texts, and an authors-style tokenizer.json."""
+"""Interop test helpers: a tiny random model, texts, an authors-style tokenizer.json."""
 
 import json
 import pathlib

@@ -1,4 +1,4 @@
-"""Hugging Face export: logits equal dualjax's (remote code, causal and bidirectional; plain Llama)."""
+"""Hugging Face export: logits equal dualjax's (remote code: causal, bidirectional; plain Llama)."""
 
 import functools
 import json
@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 from dualjax import convert, export  # noqa: E402
 from dualjax import model as model_lib  # noqa: E402
 from dualjax import tokenizer as tok_lib  # noqa: E402
-from interop_fixtures import (authors_style_tokenizer, corpus_texts, sentencepiece_model,  # noqa: E402
-                              tiny_model)
+from interop_fixtures import (  # noqa: E402
+    authors_style_tokenizer, corpus_texts, sentencepiece_model, tiny_model)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

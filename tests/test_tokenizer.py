@@ -116,7 +116,7 @@ def test_train_small_and_reject_foreign_layout(tmp_path):
 import pickle  # noqa: E402
 import unicodedata  # noqa: E402
 
-from interop_fixtures import SPECIALS, authors_style_tokenizer, corpus_texts  # noqa: E402
+from interop_fixtures import authors_style_tokenizer, corpus_texts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,8 @@ def test_hf_special_ids_are_mapped_not_assumed(tmp_path):
     tok_lib.HFTokenizer(path, {"cls": "<s>"})
 
 
-def test_load_tokenizer_dispatches_on_content(tmp_path, hf_path, tok, embedded_prepared):  # noqa: F811
+def test_load_tokenizer_dispatches_on_content(tmp_path, hf_path,
+                                              embedded_prepared):  # noqa: F811
   # Names do not matter: a tokenizer.json saved as tokenizer.model is still one.
   (tmp_path / "tokenizer.model").write_bytes(hf_path.read_bytes())
   assert isinstance(tok_lib.load_tokenizer(tmp_path / "tokenizer.model"), tok_lib.HFTokenizer)
@@ -235,5 +236,5 @@ def test_load_tokenizer_dispatches_on_content(tmp_path, hf_path, tok, embedded_p
   with pytest.raises(tok_lib.TokenizerError, match="fixed special layout; its mask token is"):
     tok_lib.load_tokenizer(embedded_prepared / "tokenizer.model", {"mask": "<m>"})
   (tmp_path / "bad.json").write_text('{"version": "1.0", "model": 3')
-  with pytest.raises(tok_lib.TokenizerError, match=r"bad.json is not a Hugging Face tokenizer.json"):
+  with pytest.raises(tok_lib.TokenizerError, match=r"bad.json is not a Hugging Face tokenizer"):
     tok_lib.load_tokenizer(tmp_path / "bad.json")

@@ -28,7 +28,8 @@ class DualjaxConfig(_Config):
     if head not in ("mlp", "linear"):
       raise ValueError(f"head must be 'mlp' or 'linear', got {head!r}")
     if attention_mode not in ("causal", "bidirectional"):
-      raise ValueError(f"attention_mode must be 'causal' or 'bidirectional', got {attention_mode!r}")
+      raise ValueError(
+          f"attention_mode must be 'causal' or 'bidirectional', got {attention_mode!r}")
     self.vocab_size = vocab_size
     self.hidden_size = hidden_size
     self.intermediate_size = intermediate_size

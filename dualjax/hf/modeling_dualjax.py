@@ -198,8 +198,8 @@ class DualjaxModel(DualjaxPreTrainedModel):
     bias = _attention_bias(attention_mask, bidirectional_mask, mode, B, L, past, x.device)
     for layer in self.layers:
       x = layer(x, position_ids, bias, cache if use_cache else None)
-    return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_CACHE_FIELD: cache if use_cache
-                                                           else None})
+    return BaseModelOutputWithPast(last_hidden_state=self.norm(x),
+                                   **{_CACHE_FIELD: cache if use_cache else None})
 
 
 class DualjaxForCausalLM(DualjaxPreTrainedModel, GenerationMixin):
