@@ -500,14 +500,14 @@ def import_checkpoint(path: str | os.PathLike, tokenizer_path: str | os.PathLike
     raise ConvertError(f"--tokenizer {tokenizer_path}: file not found")
   tok = tok_lib.load_tokenizer(tokenizer_path, special_ids)
   state, info = read_state_dict(path, allow_pickle=allow_pickle)
+  # Flags first, then the file's dualjax metadata (our exports), then the paper's defaults.
+  given = {k: v for k, v in model_overrides.items() if v is not None}
   saved = _saved_config(info["metadata"])
-  overrides = {k: saved.get(k) for k in ("num_heads", "head_dim", "rope_theta", "norm_eps",
-                                         "max_seq_len", "compute_dtype")}
-  if model_overrides.get("num_heads") is not None or model_overrides.get("head_dim") is not None:
-    overrides.pop("num_heads"), overrides.pop("head_dim")
-  overrides.update({k: v for k, v in model_overrides.items() if v is not None})
-  overrides.setdefault("attention_impl", "auto")
-  overrides = {k: v for k, v in overrides.items() if v is not None}
+  keys = ["rope_theta", "norm_eps", "max_seq_len", "compute_dtype"]
+  if "num_heads" not in given and "head_dim" not in given:
+    keys += ["num_heads", "head_dim"]  # the pair, never one from each source
+  overrides = {k: saved[k] for k in keys if saved.get(k) is not None}
+  overrides = {"attention_impl": "auto", **overrides, **given}
   cfg = infer_config(state, str(path), **overrides)
   params = from_authors(state, cfg, str(path))
   del state  # peak memory: one copy of the weights less

@@ -15,8 +15,11 @@ Writes into HFDIR (absent or empty; built beside it and renamed into place):
   generation_config.json, dualjax_export.json     special ids; where the export came from
 
 Default: `AutoModelForCausalLM.from_pretrained(HFDIR, trust_remote_code=True)` gives
-DualjaxForCausalLM, a causal LM whose forward also takes attention_mode='bidirectional' or
-per-token `bidirectional_mask` flags (see dualjax/hf/modeling_dualjax.py).
+DualjaxForCausalLM, a causal LM (generate() with a KV cache works) whose forward also takes
+attention_mode='bidirectional' or per-token `bidirectional_mask` flags (prefix mode) for masked
+use (see dualjax/hf/modeling_dualjax.py). `AutoTokenizer.from_pretrained(HFDIR,
+trust_remote_code=True)` (the flag only because config.json names remote code; the tokenizer
+itself is a plain PreTrainedTokenizerFast).
 --plain_llama: a standard LlamaForCausalLM (no remote code). Our blocks are Llama blocks
 (rotate-half RoPE on the q/k projections as stored, SwiGLU, RMSNorm, no biases, untied
 embeddings), so this is exact for a model with the plain 'linear' head (norm -> Linear); the

@@ -13,7 +13,8 @@ Linear(D, D) -> GELU(tanh) -> Linear(D, V) + bias ('mlp') or RMSNorm -> Linear(D
 Like dualjax, the residual stream, norms, RoPE, softmax and logits are float32 and matmuls run in
 the weights' dtype. Logits at position i predict token i + 1 in every mode (masked-diffusion use:
 put the mask token at position i + 1 and read the logits at i). `attention_mask` (1 = token,
-0 = padding) hides padding keys; a row holds one document (no packed segments).
+0 = padding) hides padding keys; a row holds one document (no packed segments). The KV cache
+(generate) is used in causal mode only; bidirectional calls recompute the whole row.
 """
 
 import dataclasses
