@@ -19,32 +19,30 @@ import sys
 
 from absl import flags
 
+from dualjax import cli
 from dualjax.analysis import figures, inputs, report, study
 
+FLAGS = flags.FlagValues()
+
 _OUT = flags.DEFINE_string(
-    "out", None, "output directory (created; existing files of the same name replaced)")
+    "out", None, "output directory (created; existing files of the same name replaced)", flag_values=FLAGS)
 _TARGETS = flags.DEFINE_list(
     "targets", None, "columns to model (default: those of avg/ar, avg/pll, avg/prefix present); "
-    "a column whose name contains 'loss' is minimised")
-_PAPER = flags.DEFINE_bool("paper", False, "add the paper's numbers (dualjax/analysis/paper_results.csv)")
+    "a column whose name contains 'loss' is minimised", flag_values=FLAGS)
+_PAPER = flags.DEFINE_bool("paper", False, "add the paper's numbers (dualjax/analysis/paper_results.csv)", flag_values=FLAGS)
 _COMBINE = flags.DEFINE_bool(
-    "combine", False, "pool all input files into one source (default: one fit per file)")
-_NU = flags.DEFINE_float("nu", 2.5, "Matérn smoothness ν (0.5, 1.5, 2.5 are cheap; inf = RBF)")
-_RESTARTS = flags.DEFINE_integer("restarts", 5, "L-BFGS-B restarts of the hyper-parameter fit")
-_SAMPLES = flags.DEFINE_integer("samples", 1000, "joint posterior samples per r for the optimal-λ density")
-_SEED = flags.DEFINE_integer("seed", 0, "seed of the restarts and the posterior samples")
+    "combine", False, "pool all input files into one source (default: one fit per file)", flag_values=FLAGS)
+_NU = flags.DEFINE_float("nu", 2.5, "Matérn smoothness ν (0.5, 1.5, 2.5 are cheap; inf = RBF)", flag_values=FLAGS)
+_RESTARTS = flags.DEFINE_integer("restarts", 5, "L-BFGS-B restarts of the hyper-parameter fit", flag_values=FLAGS)
+_SAMPLES = flags.DEFINE_integer("samples", 1000, "joint posterior samples per r for the optimal-λ density", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the restarts and the posterior samples", flag_values=FLAGS)
 _LAM_POINTS = flags.DEFINE_integer(
-    "lam_points", 129, "λ grid k/(N-1) over [0, 1] (129: steps of 1/128), kept within the measured λ range")
-_LEVEL = flags.DEFINE_float("level", 0.9, "credible level of the optimal-λ interval")
+    "lam_points", 129, "λ grid k/(N-1) over [0, 1] (129: steps of 1/128), kept within the measured λ range", flag_values=FLAGS)
+_LEVEL = flags.DEFINE_float("level", 0.9, "credible level of the optimal-λ interval", flag_values=FLAGS)
 _RUN_ROOT = flags.DEFINE_string(
-    "run_root", None, "directory holding the runs' workdirs (config.json + metrics.jsonl) for Figure 1")
+    "run_root", None, "directory holding the runs' workdirs (config.json + metrics.jsonl) for Figure 1", flag_values=FLAGS)
 _R_FOR_CURVES = flags.DEFINE_float(
-    "r_for_curves", None, "r of Figure 1 (default: the largest r with at least two λ)")
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+    "r_for_curves", None, "r of Figure 1 (default: the largest r with at least two λ)", flag_values=FLAGS)
 
 
 def _note(message: str) -> None:
@@ -53,29 +51,29 @@ def _note(message: str) -> None:
 
 def _check_flags() -> study.Options:
   if not _OUT.value:
-    _fail("--out is required (the output directory)")
+    cli.fail("--out is required (the output directory)")
   out = pathlib.Path(_OUT.value)
   if out.exists() and not out.is_dir():
-    _fail(f"--out={out}: exists and is not a directory")
+    cli.fail(f"--out={out}: exists and is not a directory")
   ancestor = next(p for p in [out, *out.absolute().parents] if p.exists())
   if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-    _fail(f"--out={out}: cannot write under {ancestor}")
+    cli.fail(f"--out={out}: cannot write under {ancestor}")
   if not (_NU.value > 0):
-    _fail(f"--nu={_NU.value:g}: the Matérn smoothness must be > 0")
+    cli.fail(f"--nu={_NU.value:g}: the Matérn smoothness must be > 0")
   if _RESTARTS.value < 0:
-    _fail(f"--restarts={_RESTARTS.value}: must be >= 0")
+    cli.fail(f"--restarts={_RESTARTS.value}: must be >= 0")
   if _SAMPLES.value < 1:
-    _fail(f"--samples={_SAMPLES.value}: must be >= 1")
+    cli.fail(f"--samples={_SAMPLES.value}: must be >= 1")
   if _LAM_POINTS.value < 2:
-    _fail(f"--lam_points={_LAM_POINTS.value}: must be >= 2")
+    cli.fail(f"--lam_points={_LAM_POINTS.value}: must be >= 2")
   if not 0 < _LEVEL.value < 1:
-    _fail(f"--level={_LEVEL.value:g}: must lie in (0, 1)")
+    cli.fail(f"--level={_LEVEL.value:g}: must lie in (0, 1)")
   if _RUN_ROOT.value and not pathlib.Path(_RUN_ROOT.value).is_dir():
-    _fail(f"--run_root={_RUN_ROOT.value}: no such directory")
+    cli.fail(f"--run_root={_RUN_ROOT.value}: no such directory")
   if _R_FOR_CURVES.value is not None and not (_R_FOR_CURVES.value > 0 and math.isfinite(_R_FOR_CURVES.value)):
-    _fail(f"--r_for_curves={_R_FOR_CURVES.value:g}: must be > 0")
+    cli.fail(f"--r_for_curves={_R_FOR_CURVES.value:g}: must be > 0")
   if _TARGETS.value is not None and not [t for t in _TARGETS.value if t.strip()]:
-    _fail("--targets is empty")
+    cli.fail("--targets is empty")
   targets = tuple(t.strip() for t in _TARGETS.value if t.strip()) if _TARGETS.value else None
   return study.Options(targets=targets, nu=_NU.value, restarts=_RESTARTS.value, samples=_SAMPLES.value,
                        seed=_SEED.value, lam_points=_LAM_POINTS.value, combine=_COMBINE.value,
@@ -92,7 +90,7 @@ def _curves() -> tuple[list[inputs.Curve], float | None, list[str]]:
   rs = sorted({c.r for c in curves})
   r = _R_FOR_CURVES.value if _R_FOR_CURVES.value is not None else figures.default_curve_r(curves)
   if r not in rs:
-    _fail(f"--r_for_curves={r:g}: no run under {_RUN_ROOT.value} has that r (runs have r = "
+    cli.fail(f"--r_for_curves={r:g}: no run under {_RUN_ROOT.value} has that r (runs have r = "
           f"{', '.join(f'{x:g}' for x in rs)})")
   return curves, r, notes
 
@@ -118,27 +116,21 @@ def _write(out: pathlib.Path, sources: list[study.SourceResult], curves: list[in
 
 
 def main(argv: list[str]) -> int:
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + flags.FLAGS.module_help(sys.modules[__name__]))
+  args = cli.parse(argv, __doc__, FLAGS, positional=True)
+  if args is None:
     return 0
-  try:
-    paths = flags.FLAGS(argv)[1:]
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
+  paths = args.positional
   opts = _check_flags()
-  unknown = [p for p in paths if p.startswith("-")]
-  if unknown:
-    _fail(f"unknown flag {unknown[0]} (see --help)")
   if _PAPER.value:
     paths = [str(inputs.PAPER_CSV)] + paths
   if not paths:
-    _fail("no results CSV given (python -m dualjax.analyze RESULTS.csv [MORE.csv ...] --out=DIR)")
+    cli.fail("no results CSV given (python -m dualjax.analyze RESULTS.csv [MORE.csv ...] --out=DIR)")
   try:
     names = inputs.source_names(paths)
     tables = [inputs.read_table(p, n) for p, n in zip(paths, names)]
     jobs = study.plan(tables, opts)
   except inputs.InputError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   curves, curve_r, curve_notes = _curves()
   sources = study.analyse(jobs, opts)
 
@@ -146,11 +138,11 @@ def main(argv: list[str]) -> int:
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    _fail(f"--out={out}: cannot create ({e.strerror})")
+    cli.fail(f"--out={out}: cannot create ({e.strerror})")
   try:
     written = _write(out, sources, curves, curve_r, curve_notes, opts)
   except OSError as e:
-    _fail(f"--out={out}: writing failed ({e})")
+    cli.fail(f"--out={out}: writing failed ({e})")
   print("wrote " + ", ".join(str(p) for p in written))
   return 0
 

@@ -1,16 +1,16 @@
 """The command-line convention of every entry point (DESIGN.md §9).
 
-Entry points define their flags inside `main` (they are importable libraries too, and absl
-flags are process-global), parse with `parse` and run with `run`.
-
-absl flags plus one ml_collections config: `--config=FILE[:variant]` and `--config.SECTION.FIELD=V`
-overrides with the field names of the run config (`--config.eval.tasks` means the same in
-training and in `python -m dualjax.evaluate`). `--help` lists the entry point's flags and the
-config's fields. Bad input is one line on stderr, `error: ...`, and exit code 2.
+absl flags in each entry point's own `flags.FlagValues` (entry points are importable libraries
+too, and may be called in-process, more than once), plus one ml_collections config where the
+entry point reads run settings: `--config=FILE[:variant]` and `--config.SECTION.FIELD=V` overrides with the
+field names of the run config (`--config.eval.tasks` means the same in training and in
+`python -m dualjax.evaluate`). `--help` lists the flags and the config's fields. Bad input is one
+line on stderr, `error: ...`, and exit code 2.
 """
 
 import pathlib
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -21,21 +21,18 @@ from ml_collections import config_flags
 DEFAULT_CONFIG = str(pathlib.Path(__file__).with_name("config_lib.py"))
 
 
-def define_config(required: bool = False) -> Any:
-  """The `--config` flag (default: the library's default run config, unless `required`)."""
-  return config_flags.DEFINE_config_file(
-      "config", None if required else DEFAULT_CONFIG,
-      "config file with an optional variant, e.g. configs/rep128.py:tiny"
-      + ("" if required else " (default: the library's defaults, dualjax/config_lib.py)"))
-
-
 def fail(message: str) -> None:
-  """`error: message` on stderr, exit code 2."""
-  print(f"error: {message}", file=sys.stderr)
+  """`error: message` (its first line) on stderr, exit code 2."""
+  print(f"error: {one_line(message)}", file=sys.stderr)
   sys.exit(2)
 
 
-def _describe_flag_error(e: BaseException, argv: Sequence[str]) -> str:
+def one_line(e: BaseException | str) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def describe_flag_error(e: BaseException, argv: Sequence[str]) -> str:
   """One line for an absl/ml_collections flag error (they wrap the cause in several lines)."""
   text = str(e).replace("\\n", "\n").replace("\\'", "'")
   lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
@@ -60,36 +57,80 @@ def _fields(cfg: Any, prefix: str = "config") -> list[str]:
   return out
 
 
-def parse(argv: Sequence[str], doc: str, module: Any, config_holder: Any) -> Any:
-  """Parses `argv`; prints help and exits 0 on --help; returns the config (or None)."""
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(doc.strip() + "\n\nflags:\n" + flags.FLAGS.module_help(module).rstrip() + "\n"
-          + flags.FLAGS.module_help(__name__).split("\n", 1)[-1])
-    try:
-      flags.FLAGS(list(argv[:1]) + [a for a in argv[1:] if a.startswith("--config=")])
-      cfg = config_holder.value
-    except Exception:  # pylint: disable=broad-except
-      cfg = None
-    if cfg is not None:
-      print("\nconfig fields (override any with --config.SECTION.FIELD=VALUE):")
-      print("\n".join(_fields(cfg)))
-    sys.exit(0)
-  try:
-    extra = flags.FLAGS(list(argv))[1:]
-    cfg = config_holder.value
+class Args:
+  """What `parse` returns: the positional arguments and the loaded config (or None)."""
+
+  def __init__(self, positional: list[str], config: Any):
+    self.positional, self.config = positional, config
+
+
+def _is_config_arg(a: str) -> bool:
+  return a.startswith(("--config=", "--config."))
+
+
+def load_config(argv: Sequence[str], *, required: bool = False, help_text: str = "") -> Any:
+  """The config of `--config=FILE[:arg]` and its `--config.a.b=v` overrides among `argv`.
+
+  A fresh flag for each call: ml_collections derives the override flags from the arguments.
+  Raises the library's errors (see `parse`, which turns them into one line).
+  """
+  args = [argv[0]] + [a for a in argv[1:] if _is_config_arg(a)]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None if required else DEFAULT_CONFIG,
+      help_text or "config file with an optional variant, e.g. configs/rep128.py:tiny",
+      flag_values=fv, sys_argv=args)
+  with warnings.catch_warnings():  # ml_collections loads config files with load_module()
+    warnings.simplefilter("ignore", DeprecationWarning)
+    fv(args)
+    cfg = fv["config"].value
     if cfg is not None:
       cfg.keys()  # a config file that failed to load raises here
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    fail(_describe_flag_error(e, argv))
-  if extra:
-    fail(f"unexpected arguments: {' '.join(extra)} (flags take the form --name=value)")
   return cfg
 
 
-def run(main: Callable[[list[str]], int], errors: tuple[type[BaseException], ...]) -> None:
-  """Runs `main(sys.argv)`; an exception of `errors` is one line and exit code 2."""
+def parse(argv: Sequence[str], doc: str, flag_values: flags.FlagValues, *,
+          config: str | None = None, config_help: str = "", positional: bool = False
+          ) -> Args | None:
+  """Parses `argv`: the entry point's own `flag_values` and, if `config` is 'optional' (default:
+  the library's run config) or 'required', `--config` with its overrides. Prints help and returns
+  None on --help. Bad input is one line and exit code 2 (`fail`); positional arguments are an
+  error unless `positional`.
+  """
+  argv = list(argv)
+  own = [a for a in argv[1:] if config is None or not _is_config_arg(a)]
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(doc.strip() + "\n\nflags:\n" + flag_values.get_help())
+    if config is not None:
+      print(f"  --config: {config_help or 'a config file, e.g. configs/rep128.py:tiny'}"
+            + ("" if config == "required" else " (default: dualjax/config_lib.py)"))
+      try:
+        cfg = load_config(argv, required=config == "required")
+      except Exception:  # pylint: disable=broad-except
+        cfg = None
+      if cfg is not None:
+        print("\nconfig fields (override any with --config.SECTION.FIELD=VALUE):")
+        print("\n".join(_fields(cfg)))
+    return None
+  try:
+    flag_values.unparse_flags()
+    extra = flag_values(argv[:1] + own)[1:]
+    cfg = load_config(argv, required=config == "required",
+                      help_text=config_help) if config is not None else None
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    fail(describe_flag_error(e, argv))
+  if extra and not positional:
+    fail(f"unexpected arguments: {' '.join(extra)} (flags take the form --name=value)")
+  bad = [a for a in extra if a.startswith("-")]
+  if bad:
+    fail(f"unknown flag {bad[0]} (see --help)")
+  return Args(extra, cfg)
+
+
+def run(main: Callable[[list[str]], int], errors: tuple[type[BaseException], ...] = ()) -> None:
+  """`sys.exit(main(sys.argv))`; an exception of `errors` is one line and exit code 2."""
   try:
     code = main(sys.argv)
   except errors as e:
-    fail(str(e))
+    fail(one_line(e))
   sys.exit(code)

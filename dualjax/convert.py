@@ -37,13 +37,11 @@ tensor or file, exit code 2, before anything is written.
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
 import re
 import shutil
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -56,14 +54,16 @@ import safetensors.numpy
 from absl import flags
 
 from dualjax import checkpoint as ckpt_lib
+from dualjax import cli
+from dualjax import config_lib
 from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import tokenizer as tok_lib
-from dualjax import train as train_lib
+from dualjax import state as state_lib
+from dualjax import trained
+from dualjax import workdir as workdir_lib
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO_ROOT / "configs" / "base.py"
-PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FILE = workdir_lib.PROVENANCE_FILE
 METADATA_KEY = "dualjax_model_config"  # safetensors metadata of our exports
 STATE_FORMATS = {".safetensors": "safetensors", ".npz": "npz", ".bin": "pickle", ".pt": "pickle",
                  ".pth": "pickle"}
@@ -266,11 +266,6 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False
                  "metadata": metadata}
 
 
-def first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return (text.splitlines()[0] if text else type(e).__name__)[:400]
-
-
 def _read_safetensors(path: pathlib.Path):
   state, dtypes = {}, []
   try:
@@ -293,7 +288,7 @@ def _read_safetensors(path: pathlib.Path):
   except ConvertError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise ConvertError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+    raise ConvertError(f"{path}: not a readable safetensors file ({cli.one_line(e)})") from None
   return state, dtypes, metadata
 
 
@@ -310,7 +305,7 @@ def _read_npz(path: pathlib.Path):
   except ConvertError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise ConvertError(f"{path}: not a readable NumPy .npz archive ({first_line(e)})") from None
+    raise ConvertError(f"{path}: not a readable NumPy .npz archive ({cli.one_line(e)})") from None
   return state, dtypes
 
 
@@ -322,7 +317,7 @@ def _read_pickle(path: pathlib.Path):
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ConvertError(f"{path}: torch.load(weights_only=True) failed ({first_line(e)})") from None
+    raise ConvertError(f"{path}: torch.load(weights_only=True) failed ({cli.one_line(e)})") from None
   if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and not any(
       isinstance(v, torch.Tensor) for v in obj.values()):
     obj = obj["model"]  # the authors' resume file: {"model": state_dict, "optimizer": ...}
@@ -373,16 +368,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------------
 # The workdir.
 
-def base_config() -> ml_collections.ConfigDict:
-  """configs/base.py's get_config() (the paper's training config)."""
-  if not BASE_CONFIG.is_file():
-    raise ConvertError(f"{BASE_CONFIG}: the base config is missing from this installation")
-  spec = importlib.util.spec_from_file_location("dualjax_configs_base", BASE_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def check_out_dir(out: str | os.PathLike) -> pathlib.Path:
   """`out` as a Path if it can be created (absent or an empty directory), else ConvertError."""
   out = pathlib.Path(out)
@@ -395,15 +380,14 @@ def write_workdir(params: Any, model_cfg: model_lib.ModelConfig,
                   tokenizer_path: str | os.PathLike, out: str | os.PathLike, *, step: int = 0,
                   source: Mapping[str, Any] | None = None, lam: float | None = None,
                   special_ids: Mapping[str, int | str] | None = None) -> pathlib.Path:
-  """Writes a dualjax workdir holding `params` that `checkpoint.load_for_eval` restores.
+  """Writes a dualjax workdir holding `params` that `dualjax.trained.load` restores.
 
-  out/config.json          configs/base.py's config with `model` = `model_cfg` and
-                           objective.lam = `lam` (None: unknown, evaluate offers every mode)
-  out/tokenizer.model      a copy of `tokenizer_path` (SentencePiece or tokenizer.json: the
-                           loader tells them apart by content; train.TOKENIZER_FILE is the name
-                           today's load_for_eval reads)
+  out/config.json          the default run config (dualjax.config_lib) with `model` =
+                           `model_cfg` and objective.lam = `lam` (None: unknown, evaluate offers
+                           every mode)
+  out/tokenizer.model|json a copy of `tokenizer_path` under the name of its kind (dualjax.workdir)
   out/checkpoints/<step>/  Orbax, item `state` = {params, opt_state (fresh optimizer.init),
-                           step, rng} as train.abstract_state lays it out
+                           step, rng} as dualjax.state lays it out
   out/provenance.json      `source` (what was imported), the tokenizer's kind, sha256 and
                            special ids, the model config, the step
 
@@ -413,7 +397,7 @@ def write_workdir(params: Any, model_cfg: model_lib.ModelConfig,
   out = check_out_dir(out)
   tok = tok_lib.load_tokenizer(tokenizer_path, special_ids)
   check_tokenizer(tok, model_cfg, tokenizer_path)
-  cfg = base_config()
+  cfg = config_lib.get_config()
   cfg.model = ml_collections.ConfigDict(dataclasses.asdict(model_cfg))
   cfg.objective.lam = lam
   cfg.data.tokenizer = ""
@@ -422,13 +406,14 @@ def write_workdir(params: Any, model_cfg: model_lib.ModelConfig,
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   try:
-    (tmp / train_lib.CONFIG_FILE).write_text(cfg.to_json(indent=2))
-    shutil.copyfile(tokenizer_path, tmp / train_lib.TOKENIZER_FILE)
+    (tmp / workdir_lib.CONFIG_FILE).write_text(cfg.to_json(indent=2))
+    tok_file = workdir_lib.tokenizer_file(tmp, tok.kind)
+    shutil.copyfile(tokenizer_path, tok_file)
     _save_state(cfg, params, tmp, step)
     provenance = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": dict(source or {}),
-        "tokenizer": {"kind": tok.kind, "file": train_lib.TOKENIZER_FILE,
+        "tokenizer": {"kind": tok.kind, "file": tok_file.name,
                       "source": str(tokenizer_path), "sha256": tok.checksum,
                       "vocab_size": tok.vocab_size, "special_ids": tok.special_ids},
         "model": dataclasses.asdict(model_cfg), "step": step, "lam": lam,
@@ -453,7 +438,8 @@ def _save_state(cfg: ml_collections.ConfigDict, params: Any, directory: pathlib.
                 step: int) -> None:
   """The `state` item on one device (Orbax restores it onto any mesh; one device is fastest)."""
   mesh = mesh_lib.make_mesh(-1, 1, 1)
-  abstract, _, _, optimizer = train_lib.abstract_state(cfg, mesh)
+  spec = state_lib.state_spec(cfg, mesh)
+  abstract, optimizer = spec.abstract, spec.optimizer
   want = abstract["params"]
   if jax.tree.structure(params) != jax.tree.structure(want):
     raise ConvertError(f"params do not have the model's tree: {jax.tree.structure(params)}")
@@ -471,9 +457,9 @@ def _save_state(cfg: ml_collections.ConfigDict, params: Any, directory: pathlib.
           jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1)), device),
   }
   if jax.tree.structure(state) != jax.tree.structure(abstract):
-    raise ConvertError("the training state does not have train.abstract_state's tree")
+    raise ConvertError("the training state does not have dualjax.state's tree")
   manager = ocp.CheckpointManager(
-      (directory / "checkpoints").absolute(),
+      (directory / workdir_lib.CHECKPOINTS_DIR).absolute(),
       options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
   try:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
@@ -537,7 +523,8 @@ def export_checkpoint(workdir: str | os.PathLike, path: str | os.PathLike,
     raise ConvertError(f"{path} exists; remove it or choose another file")
   if not pathlib.Path(workdir).is_dir():
     raise ConvertError(f"--workdir {workdir}: not a directory")
-  params, cfg, tok, step = ckpt_lib.load_for_eval(workdir, step)
+  t = trained.load(workdir, step)
+  params, cfg, tok, step = t.params, t.model_cfg, t.tokenizer, t.step
   state = to_authors(jax.device_get(params), cfg)
   meta = {"format": "pt", METADATA_KEY: json.dumps(dataclasses.asdict(cfg)),
           "dualjax_step": str(step), "dualjax_tokenizer_sha256": tok.checksum}
@@ -589,30 +576,17 @@ _SPECIAL = {role: flags.DEFINE_string(
             for role in tok_lib.SPECIAL_ROLES}
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv: list[str]) -> int:
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
+  if cli.parse(argv, __doc__, FLAGS) is None:
     return 0
-  try:
-    FLAGS.unparse_flags()
-    extra = FLAGS(argv)[1:]
-  except flags.Error as e:
-    _fail(first_line(e))
-  if extra:
-    _fail(f"unexpected arguments: {' '.join(extra)} (flags take the form --name=value)")
   if bool(_IMPORT.value) == bool(_EXPORT.value):
-    _fail("give exactly one of --import_from=FILE (with --tokenizer, --out) or --export_to=FILE "
+    cli.fail("give exactly one of --import_from=FILE (with --tokenizer, --out) or --export_to=FILE "
           "(with --workdir)")
   try:
     if _IMPORT.value:
       for name, flag in (("--out", _OUT), ("--tokenizer", _TOKENIZER)):
         if not flag.value:
-          _fail(f"--import_from needs {name}")
+          cli.fail(f"--import_from needs {name}")
       special = {r: f.value for r, f in _SPECIAL.items() if f.value is not None}
       out, cfg = import_checkpoint(
           _IMPORT.value, _TOKENIZER.value, _OUT.value, allow_pickle=_ALLOW_PICKLE.value,
@@ -624,14 +598,14 @@ def main(argv: list[str]) -> int:
             f"{model_lib.count_params(cfg)['total']:,} parameters) into {out}")
     else:
       if not _WORKDIR.value:
-        _fail("--export_to needs --workdir")
+        cli.fail("--export_to needs --workdir")
       step, cfg = export_checkpoint(_WORKDIR.value, _EXPORT.value, _STEP.value)
       print(f"exported step {step} of {_WORKDIR.value} ({_describe_cfg(cfg)}) to "
             f"{_EXPORT.value}")
   except (ConvertError, tok_lib.TokenizerError, ckpt_lib.CheckpointError, ValueError) as e:
-    _fail(first_line(e))
+    cli.fail(cli.one_line(e))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  cli.run(main)

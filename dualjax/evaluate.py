@@ -29,19 +29,20 @@ from dualjax import workdir as workdir_lib
 from dualjax.errors import ConfigError
 from dualjax.evaluation import metrics, suite, tasks as tasks_lib
 
-def _define_flags() -> dict[str, flags.FlagHolder]:
-  return {
-      "config": cli.define_config(),
-      "workdir": flags.DEFINE_string("workdir", None, "a training workdir (its newest checkpoint)"),
-      "checkpoint": flags.DEFINE_string("checkpoint", None,
-                                        "a checkpoint: <workdir>/checkpoints/N"),
-      "random_init": flags.DEFINE_bool(
-          "random_init", False, "a freshly initialised model of --config's model section, with "
-          "--config.data.tokenizer (smoke tests)"),
-      "init_seed": flags.DEFINE_integer("init_seed", 0, "with --random_init: the init seed"),
-      "out": flags.DEFINE_string("out", "eval_results.json",
-                                 "the results JSON (and .md beside it)"),
-  }
+FLAGS = flags.FlagValues()
+_F = {
+    "workdir": flags.DEFINE_string("workdir", None, "a training workdir (its newest checkpoint)",
+                                   flag_values=FLAGS),
+    "checkpoint": flags.DEFINE_string("checkpoint", None, "a checkpoint: <workdir>/checkpoints/N",
+                                      flag_values=FLAGS),
+    "random_init": flags.DEFINE_bool(
+        "random_init", False, "a freshly initialised model of --config's model section, with "
+        "--config.data.tokenizer (smoke tests)", flag_values=FLAGS),
+    "init_seed": flags.DEFINE_integer("init_seed", 0, "with --random_init: the init seed",
+                                      flag_values=FLAGS),
+    "out": flags.DEFINE_string("out", "eval_results.json", "the results JSON (and .md beside it)",
+                               flag_values=FLAGS),
+}
 
 
 class UsageError(ValueError):
@@ -75,8 +76,11 @@ def _model(cfg, f: dict[str, flags.FlagHolder]
 
 
 def main(argv: list[str]) -> int:
-  f = _define_flags()
-  cfg = cli.parse(argv, __doc__, sys.modules[__name__], f["config"])
+  f = _F
+  args = cli.parse(argv, __doc__, FLAGS, config="optional")
+  if args is None:
+    return 0
+  cfg = args.config
   settings = config_lib.eval_settings(cfg)
   lam = None if f["random_init"].value else workdir_lib.run_lam(
       f["workdir"].value or f["checkpoint"].value or "")

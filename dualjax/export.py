@@ -42,7 +42,6 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 from typing import Any, Mapping
 
 import jax
@@ -53,10 +52,13 @@ import tokenizers
 from absl import flags
 
 from dualjax import checkpoint as ckpt_lib
-from dualjax import convert
+from dualjax import cli
+from dualjax import config_lib
 from dualjax import model as model_lib
 from dualjax import tokenizer as tok_lib
-from dualjax import train as train_lib
+from dualjax import trained
+from dualjax import workdir as workdir_lib
+from dualjax.errors import ConfigError
 
 HF_DIR = pathlib.Path(__file__).resolve().parent / "hf"
 MODEL_FILES = ("configuration_dualjax.py", "modeling_dualjax.py")
@@ -166,13 +168,13 @@ def tokenizer_files(tok: tok_lib.Tokenizer, max_len: int) -> dict[str, bytes]:
 
 
 def _model_config(workdir: pathlib.Path) -> model_lib.ModelConfig:
-  f = workdir / train_lib.CONFIG_FILE
+  f = workdir / workdir_lib.CONFIG_FILE
   if not f.is_file():
     raise ExportError(f"--workdir {workdir}: not a dualjax workdir (no {f.name})")
   try:
-    return train_lib.model_config(ml_collections.ConfigDict(json.loads(f.read_text())))
-  except (ValueError, TypeError, AttributeError, train_lib.ConfigError) as e:
-    raise ExportError(f"{f}: {convert.first_line(e)}") from None
+    return config_lib.model_config(ml_collections.ConfigDict(json.loads(f.read_text())))
+  except (ValueError, TypeError, AttributeError, ConfigError) as e:
+    raise ExportError(f"{f}: {cli.one_line(e)}") from None
 
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
@@ -186,7 +188,8 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
     raise ExportError(f"--plain_llama: the model's head is {cfg.head!r} (norm -> Linear -> GELU -> "
                       "Linear + bias), which LlamaForCausalLM cannot express; only head='linear' "
                       "models export as plain Llama (drop --plain_llama for remote code)")
-  params, cfg, tok, step = ckpt_lib.load_for_eval(workdir, step)
+  t = trained.load(workdir, step)
+  params, cfg, tok, step = t.params, t.model_cfg, t.tokenizer, t.step
   files = {"config.json": (json.dumps(hf_config(cfg, tok.special_ids, plain_llama=plain_llama),
                                       indent=2) + "\n").encode()}
   files.update(tokenizer_files(tok, cfg.max_seq_len))
@@ -231,33 +234,20 @@ _PLAIN_LLAMA = flags.DEFINE_bool(
     "with head='linear')", flag_values=FLAGS)
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv: list[str]) -> int:
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
+  if cli.parse(argv, __doc__, FLAGS) is None:
     return 0
-  try:
-    FLAGS.unparse_flags()
-    extra = FLAGS(argv)[1:]
-  except flags.Error as e:
-    _fail(convert.first_line(e))
-  if extra:
-    _fail(f"unexpected arguments: {' '.join(extra)} (flags take the form --name=value)")
   if not _WORKDIR.value or not _OUT.value:
-    _fail("--workdir and --out are required")
+    cli.fail("--workdir and --out are required")
   try:
     out, step = export(_WORKDIR.value, _OUT.value, step=_STEP.value,
                        plain_llama=_PLAIN_LLAMA.value)
   except (ExportError, tok_lib.TokenizerError, ckpt_lib.CheckpointError, ValueError) as e:
-    _fail(convert.first_line(e))
+    cli.fail(cli.one_line(e))
   kind = "LlamaForCausalLM" if _PLAIN_LLAMA.value else "DualjaxForCausalLM (trust_remote_code)"
   print(f"exported step {step} of {_WORKDIR.value} to {out} as {kind}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  cli.run(main)

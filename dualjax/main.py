@@ -17,31 +17,40 @@ from dualjax import pipeline
 from dualjax import train
 from dualjax.errors import ConfigError
 
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)",
+                               flag_values=FLAGS)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-process: host:port of process 0 (jax.distributed)",
+    flag_values=FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: process count",
+                                      flag_values=FLAGS)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index",
+                                   flag_values=FLAGS)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)",
+    flag_values=FLAGS)
+
+
 def main(argv: list[str]) -> int:
-  config = cli.define_config(required=True)
-  workdir = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
-  coordinator = flags.DEFINE_string(
-      "coordinator_address", None, "multi-process: host:port of process 0 (jax.distributed)")
-  num_processes = flags.DEFINE_integer("num_processes", None, "multi-process: process count")
-  process_id = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
-  distributed = flags.DEFINE_bool(
-      "distributed", False,
-      "call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
-  cfg = cli.parse(argv, __doc__, sys.modules[__name__], config)
+  args = cli.parse(argv, __doc__, FLAGS, config="required")
+  if args is None:
+    return 0
+  cfg = args.config
   if cfg is None:
     cli.fail("--config is required, e.g. --config=configs/rep128.py:tiny")
-  if not workdir.value:
+  if not _WORKDIR.value:
     cli.fail("--workdir is required")
-  if coordinator.value and (num_processes.value is None or process_id.value is None):
+  if _COORDINATOR.value and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
     cli.fail("--coordinator_address needs --num_processes and --process_id")
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("dualjax").setLevel(logging.INFO)
-  if coordinator.value:
-    jax.distributed.initialize(coordinator.value, num_processes.value, process_id.value)
-  elif distributed.value:
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
     jax.distributed.initialize()
   try:
-    train.train(cfg, workdir.value)
+    train.train(cfg, _WORKDIR.value)
   except train.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

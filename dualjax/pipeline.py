@@ -22,7 +22,6 @@ works with `grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax).
 """
 
 import dataclasses
-import math
 import os
 import pathlib
 import threading

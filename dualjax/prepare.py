@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Iterable, Iterator
@@ -300,9 +299,9 @@ def _prepare_into(src: sources_lib.Source, tmp: pathlib.Path, tok, tokenizer_pat
       pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (str(model_file),))
       results = pool.imap(_encode_chunk, chunks)
     itemsize = np.dtype(dtype).itemsize
-    for flags, recs, n_chars in results:
+    for is_val_flags, recs, n_chars in results:
       chars += n_chars
-      for is_val, rec in zip(flags, recs):
+      for is_val, rec in zip(is_val_flags, recs):
         writers["val" if is_val else "train"].write(rec, len(rec) // itemsize)
       bar.update(len(recs))
   finally:
@@ -335,18 +334,23 @@ def _prepare_into(src: sources_lib.Source, tmp: pathlib.Path, tok, tokenizer_pat
   }
 
 
+FLAGS = flags.FlagValues()
+_SHARD_MB = flags.DEFINE_integer("shard_mb", 256, "ArrayRecord shard size in MB", flag_values=FLAGS)
+
+
 def main(argv: list[str]) -> int:
-  config = cli.define_config()
-  shard_mb = flags.DEFINE_integer("shard_mb", 256, "ArrayRecord shard size in MB")
-  cfg = cli.parse(argv, __doc__ + "\nSources: " + sources_lib.__doc__.split("\n", 1)[1],
-                  sys.modules[__name__], config)
+  args = cli.parse(argv, __doc__ + "\nSources: " + sources_lib.__doc__.split("\n", 1)[1], FLAGS,
+                   config="optional")
+  if args is None:
+    return 0
+  cfg = args.config
   d = cfg.data
   if not d.prepared_dir:
     cli.fail("--config.data.prepared_dir is required (the output directory)")
   if not d.source:
     cli.fail("--config.data.source is required ('embedded', a file/glob/dir, or tfds:...)")
   prepare(d.source, d.prepared_dir, tokenizer=d.tokenizer or None, vocab_size=cfg.model.vocab_size,
-          num_workers=d.num_workers, val_fraction=d.val_fraction, shard_bytes=shard_mb.value << 20)
+          num_workers=d.num_workers, val_fraction=d.val_fraction, shard_bytes=_SHARD_MB.value << 20)
   return 0
 
 

@@ -27,23 +27,21 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import warnings
 from typing import Sequence
 
 from absl import flags
 import jax
 import ml_collections
-from ml_collections import config_flags
 
 from dualjax import accelerators
+from dualjax import cli
 from dualjax import mesh as mesh_lib
 from dualjax import results as results_lib
+from dualjax import split as split_lib
+from dualjax.errors import ConfigError
 
 # Own FlagValues: importing this module (launch/, tests) defines no global flags.
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "sweep config file, e.g. configs/sweep_paper.py or configs/sweep_paper.py:tiny",
-    flag_values=FLAGS)
 _ROOT = flags.DEFINE_string("root", None, "directory holding one workdir per point",
                             flag_values=FLAGS)
 _MODE = flags.DEFINE_enum(
@@ -109,19 +107,14 @@ def grid(sweep: ml_collections.ConfigDict) -> list[Point]:
 
 
 def check_split(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises mesh.ConfigError (one line) unless the run's mesh and lam fit `num_devices` devices.
+  """Raises ConfigError (one line) unless the run's mesh and lam fit `num_devices` devices.
 
   The checks of train.plan() that need no data: replica x fsdp x tensor (one -1 resolved) equals
   the devices, lam = AR cells / cells is representable, the batch divides into cells x fsdp.
   """
-  m, d = cfg.mesh, cfg.data
-  replica, fsdp, tensor = mesh_lib.mesh_shape(m.replica, m.fsdp, m.tensor, num_devices)
-  split = mesh_lib.make_split(cfg.objective.lam, d.global_batch, replica, m.microsteps,
-                              max_cell_rows=m.max_device_rows * fsdp, whole_microsteps=tensor > 1)
-  if d.global_batch % (split.cells * fsdp):
-    raise mesh_lib.ConfigError(
-        f"data.global_batch={d.global_batch} must be divisible by replicas x microsteps x fsdp = "
-        f"{split.cells * fsdp}")
+  m = cfg.mesh
+  shape = mesh_lib.mesh_shape(m.replica, m.fsdp, m.tensor, num_devices)
+  split_lib.split_from_config(cfg, dict(zip(mesh_lib.AXES, shape)))
 
 
 def trainer_config(args: Sequence[str]) -> ml_collections.ConfigDict:
@@ -132,29 +125,10 @@ def trainer_config(args: Sequence[str]) -> ml_collections.ConfigDict:
   args = ["dualjax.main"] + [a for a in args if a.startswith(("--config=", "--config."))]
   if not any(a.startswith("--config=") for a in args):
     raise SweepError("no --config=FILE among the training arguments")
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "training config", flag_values=fv, sys_argv=args)
   try:
-    with warnings.catch_warnings():  # ml_collections loads config files with load_module()
-      warnings.simplefilter("ignore", DeprecationWarning)
-      fv(args)
-    cfg = fv["config"].value
-    cfg.keys()
+    return cli.load_config(args, required=True)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    raise SweepError(one_line(e)) from None
-  return cfg
-
-
-def one_line(e: BaseException) -> str:
-  """The informative line of an absl / ml_collections error (they span several lines)."""
-  text = str(e).replace("\\n", "\n").replace("\\'", "'")
-  lines = [l.strip().strip("\"'") for l in text.splitlines() if l.strip().strip("\"'")]
-  if not lines:
-    return type(e).__name__
-  if isinstance(e, KeyError) or "KeyError" in lines[0]:
-    return f"unknown config key {lines[0]}" + next(
-        (f" ({l})" for l in lines if l.startswith("Did you mean")), "")
-  return lines[-1]
+    raise SweepError(cli.describe_flag_error(e, args)) from None
 
 
 @dataclasses.dataclass
@@ -211,7 +185,7 @@ def check_points(p: Plan, num_devices: int) -> None:
   for point in p.points:
     try:
       check_split(p.cfgs[point], num_devices)
-    except mesh_lib.ConfigError as e:
+    except ConfigError as e:
       raise SweepError(f"point {point.name}: {e} (on {num_devices} devices)") from None
 
 
@@ -298,31 +272,19 @@ def collect(p: Plan, out: str | os.PathLike) -> int:
   return 0
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv: list[str]) -> int:
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(sys.modules[__name__]))
-    return 0
   argv = [a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run") else a for a in argv]
-  try:
-    extra = FLAGS(argv)[1:]
-    sweep = _CONFIG.value
-    if sweep is not None:
-      sweep.keys()
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-    _fail(one_line(e))
-  if extra:
-    _fail(f"unexpected arguments: {' '.join(extra)} (flags take the form --name=value)")
+  args = cli.parse(argv, __doc__, FLAGS, config="required", config_help=(
+      "sweep config file, e.g. configs/sweep_paper.py or configs/sweep_paper.py:tiny"))
+  if args is None:
+    return 0
+  sweep = args.config
   if _FINISHED.value:
     return 0 if results_lib.is_finished(_FINISHED.value) else 1
   if sweep is None:
-    _fail("--config is required, e.g. --config=configs/sweep_paper.py:tiny")
+    cli.fail("--config is required, e.g. --config=configs/sweep_paper.py:tiny")
   if not _ROOT.value:
-    _fail("--root is required")
+    cli.fail("--root is required")
   try:
     p = plan(sweep, _ROOT.value)
     if _COLLECT.value:
@@ -334,10 +296,10 @@ def main(argv: list[str]) -> int:
     for line in launch_commands(p):
       print(line)
     return 0
-  except (SweepError, results_lib.ResultsError) as e:
-    _fail(str(e))
+  except (SweepError, results_lib.ResultsError, ConfigError) as e:
+    cli.fail(str(e))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  cli.run(main)

@@ -1,7 +1,10 @@
 """The workdir format (DESIGN.md §9, §10): file names, the run's identity, atomic writes.
 
   workdir/config.json        the run's config; a later start must agree on the run's identity
-  workdir/tokenizer.model    the tokenizer (with config.json, what loading a trained model needs)
+  workdir/tokenizer.model    the tokenizer (with config.json, what loading a trained model needs):
+    or tokenizer.json        a SentencePiece model, or a Hugging Face tokenizer.json (imports)
+  workdir/provenance.json    what an imported workdir came from (dualjax.convert), incl. the
+                             tokenizer's special-id mapping
   workdir/prepared/          token shards, unless data.prepared_dir points elsewhere
   workdir/checkpoints/N/     Orbax checkpoints (dualjax.checkpoint)
   workdir/metrics.jsonl      one JSON line per logged step: kind train | val | eval
@@ -16,10 +19,13 @@ from typing import Any
 
 import ml_collections
 
+from dualjax import tokenizer as tok_lib
 from dualjax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece model (what training writes)
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "tokenizers": "tokenizer.json"}
+PROVENANCE_FILE = "provenance.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
@@ -103,3 +109,24 @@ def _first_diff(a: Any, b: Any, path: str) -> str | None:
 
 def eval_results_path(workdir: str | os.PathLike, step: int) -> pathlib.Path:
   return pathlib.Path(workdir) / EVAL_DIR / f"step_{step}.json"
+
+
+def tokenizer_file(workdir: str | os.PathLike, kind: str) -> pathlib.Path:
+  """Where a workdir keeps a tokenizer of `kind` ('sentencepiece' or 'tokenizers')."""
+  return pathlib.Path(workdir) / TOKENIZER_FILES[kind]
+
+
+def load_tokenizer(workdir: str | os.PathLike) -> tok_lib.Tokenizer:
+  """The run's tokenizer, with the special-id mapping an import recorded (provenance.json)."""
+  workdir = pathlib.Path(workdir)
+  found = [workdir / f for f in TOKENIZER_FILES.values() if (workdir / f).is_file()]
+  if not found:
+    raise ValueError(f"{workdir}: no tokenizer ({' or '.join(TOKENIZER_FILES.values())})")
+  special = None
+  prov = workdir / PROVENANCE_FILE
+  if prov.is_file():
+    try:
+      special = json.loads(prov.read_text())["tokenizer"]["special_ids"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise ValueError(f"{prov}: unreadable tokenizer record") from None
+  return tok_lib.load_tokenizer(found[0], special)

@@ -5,7 +5,7 @@ import shlex
 import sys
 from typing import Sequence
 
-from dualjax import mesh as mesh_lib
+from dualjax.errors import ConfigError
 from dualjax import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -74,5 +74,5 @@ def check_runs(runs: Sequence[Sequence[str]], num_devices: int, where: str) -> N
       sweep.check_split(cfg, num_devices)
     except sweep.SweepError as e:
       raise LaunchError(f"run for {wd}: {e}") from None
-    except mesh_lib.ConfigError as e:
+    except ConfigError as e:
       raise LaunchError(f"run for {wd} on {where} ({num_devices} devices): {e}") from None

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from dualjax import checkpoint as ckpt_lib
 from dualjax import convert
 from dualjax import evaluate as eval_lib
 from dualjax import model as model_lib
 from dualjax import tokenizer as tok_lib
+from dualjax import trained
 from interop_fixtures import authors_style_tokenizer, corpus_texts, tiny_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -147,7 +147,8 @@ def test_round_trip_is_bit_exact(tiny, sp_path, tmp_path):
   src = _authors_file(tiny, tmp_path / "authors.safetensors")
   w1, cfg1 = convert.import_checkpoint(src, sp_path, tmp_path / "w1", **MODEL_FLAGS)
   assert cfg1 == dataclasses.replace(cfg, attention_impl="auto")
-  loaded, lcfg, tok, step = ckpt_lib.load_for_eval(w1)
+  t = trained.load(w1)
+  loaded, lcfg, tok, step = t.params, t.model_cfg, t.tokenizer, t.step
   assert step == 0 and lcfg == cfg1 and isinstance(tok, tok_lib.SentencePieceTokenizer)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
   tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 16))
@@ -168,7 +169,7 @@ def test_round_trip_is_bit_exact(tiny, sp_path, tmp_path):
       assert b[k].dtype == np.float32 and a[k].tobytes() == b[k].tobytes(), (suffix, k)
   w2, _ = convert.import_checkpoint(tmp_path / "back.npz", sp_path, tmp_path / "w2",
                                     **MODEL_FLAGS)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ckpt_lib.load_for_eval(w2)[0]),
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(trained.load(w2).params),
                params)
 
 
@@ -214,8 +215,9 @@ def test_cli_import_then_evaluate(tiny, sp_path, tmp_path, eval_data_dir):
                      cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   assert "imported" in r.stdout and (out / "checkpoints" / "0").is_dir()
-  rc = eval_lib.main([f"--workdir={out}", "--tasks=arc_easy", "--limit=3", "--modes=ar",
-                      f"--data_dir={eval_data_dir}", f"--out={tmp_path / 'eval.json'}"])
+  rc = eval_lib.main(["evaluate", f"--workdir={out}", "--config.eval.tasks=arc_easy",
+                      "--config.eval.limit=3", "--config.eval.modes=ar",
+                      f"--config.eval.data_dir={eval_data_dir}", f"--out={tmp_path / 'eval.json'}"])
   assert rc == 0
   res = json.loads((tmp_path / "eval.json").read_text())
   assert res["tasks"]["arc_easy"]["num_examples"] == 3 and res["step"] == 0
@@ -230,7 +232,7 @@ def test_hf_tokenizer_is_picked_up_from_the_imported_workdir(tiny, tmp_path):
   assert prov["tokenizer"]["kind"] == "tokenizers"
   assert prov["tokenizer"]["sha256"] == tok_lib.file_checksum(hf)
   assert prov["tokenizer"]["special_ids"] == {"unk": 0, "bos": 1, "eos": 2, "pad": 3, "mask": 4}
-  _, _, tok, _ = ckpt_lib.load_for_eval(w)
+  tok = trained.load(w).tokenizer
   assert isinstance(tok, tok_lib.HFTokenizer) and tok.checksum == tok_lib.file_checksum(hf)
   text = corpus_texts(30)[-1]
   assert tok.decode(tok.encode(text)) == text

@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 from dualjax import mesh as mesh_lib
+from dualjax.errors import ConfigError
 from dualjax import results
 from dualjax import sweep
 
@@ -81,7 +82,7 @@ def test_check_split_matches_brute_force(devices, lam):
   try:
     sweep.check_split(cfg, devices)
     ok = True
-  except mesh_lib.ConfigError as e:
+  except ConfigError as e:
     ok = False
     assert "objective.lam" in str(e) and "\n" not in str(e)
   assert ok == expect
@@ -90,7 +91,7 @@ def test_check_split_matches_brute_force(devices, lam):
 def test_check_split_mesh_mismatch():
   cfg = sweep.trainer_config([f"--config={REPO / 'configs' / 'base.py'}",
                               "--config.mesh.replica=32"])
-  with pytest.raises(mesh_lib.ConfigError, match="replica\\*fsdp\\*tensor = 32 but there are 64"):
+  with pytest.raises(ConfigError, match="replica\\*fsdp\\*tensor = 32 but there are 64"):
     sweep.check_split(cfg, 64)
 
 
