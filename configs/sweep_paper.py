@@ -16,8 +16,8 @@ All values are dyadic, so every point is representable on power-of-two meshes (e
 v5p-128: 64 replicas x 4 microsteps of 8 rows).
 
 Data. Every point reads the same prepared token shards (`prepared_dir`, under the root): prepare
-them once before launching (`python -m dualjax.prepare --source=... --out=ROOT/prepared
---vocab_size=51200`), so that no two runs tokenise the corpus at the same time.
+them once before launching (`python -m dualjax.prepare --config=configs/base.py --config.data.source=...
+--config.data.prepared_dir=ROOT/prepared`), so that no two runs tokenise the corpus at the same time.
 """
 
 import ml_collections

@@ -43,7 +43,8 @@ def main(argv: list[str]) -> int:
     cli.fail("--workdir is required")
   if _COORDINATOR.value and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
     cli.fail("--coordinator_address needs --num_processes and --process_id")
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      force=True)
   logging.getLogger("dualjax").setLevel(logging.INFO)
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -60,11 +60,11 @@ class ObjectiveSplit:
     R, M, A = self.replicas, self.microsteps, self.ar_microsteps
     frac = f"lam {self.lam:g} = {self.n_ar}/{self.cells} AR cells"
     if self.program == "time":
-      return (f"objective split: time ({A} AR, {M - A} MDM microsteps) x {R} replicas; {frac} "
-              f"({M} microsteps)")
+      return f"objective split: time ({A} AR, {M - A} MDM microsteps) x {R} replicas; {frac}"
     a = self.n_ar % R
-    return (f"objective split: device (AR sub-mesh {a} replicas, MDM {R - a} in microstep {A}; "
-            f"{A} AR, {M - A - 1} MDM microsteps) x {M} microsteps; {frac} ({M} microsteps)")
+    where = "" if M == 1 else f" in microstep {A}, after {A} AR and before {M - A - 1} MDM ones"
+    return (f"objective split: device (AR sub-mesh {a} replicas, MDM {R - a}{where}) x {M} "
+            f"microsteps; {frac}")
 
 
 def _nearest(lam: float, cells: int) -> str:

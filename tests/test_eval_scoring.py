@@ -12,6 +12,7 @@ import sentencepiece as spm
 model_lib = pytest.importorskip(
     "dualjax.model", reason="dualjax.model (the model issue) has not landed in this checkout")
 
+from dualjax import tokenizer as tok_lib
 from dualjax.evaluation import prompts, scoring, tasks
 
 BOS, MASK = 1, 4
@@ -31,7 +32,7 @@ def sp(tmp_path_factory, eval_data_dir):
       input=str(d / "corpus.txt"), model_prefix=str(d / "m"), vocab_size=512, model_type="bpe", character_coverage=0.995,
       byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
       user_defined_symbols=["<mask>"] + [f"<special_{i}>" for i in range(11)], minloglevel=2)
-  return spm.SentencePieceProcessor(model_file=str(d / "m.model"))
+  return tok_lib.SentencePieceTokenizer(d / "m.model")
 
 
 @pytest.fixture(scope="module")

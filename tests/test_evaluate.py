@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 
 from dualjax.evaluation import suite as ev
+from dualjax import tokenizer as tok_lib
 from dualjax.evaluation import prompts, tasks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def tiny():
 
 def test_all_tasks_all_modes(tiny, sp_path, eval_data_dir, tmp_path):
   cfg, params = tiny
-  sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+  sp = tok_lib.SentencePieceTokenizer(sp_path)
   res = ev.evaluate(params, cfg, sp, tasks.TASKS, ("ar", "prefix", "pll", "mc"),
                     data_dir=eval_data_dir, limit=3, mc_grid=2, row_len=128, step=7,
                     checkpoint="ckpt/7")
@@ -79,7 +80,7 @@ def test_identical_blimp_pairs_tie(tiny, sp_path, eval_data_dir, tmp_path):
   assert len(same) == 2
   (tmp_path / "blimp").mkdir()
   (tmp_path / "blimp" / "passive_1.jsonl").write_text("\n".join(same) + "\n")
-  sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+  sp = tok_lib.SentencePieceTokenizer(sp_path)
   res = ev.evaluate(params, cfg, sp, ["blimp"], ["ar", "pll1"], data_dir=tmp_path)
   for m in ("ar", "pll1"):
     assert res["tasks"]["blimp"]["modes"][m]["acc"] == 0.5

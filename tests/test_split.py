@@ -57,10 +57,13 @@ def test_whole_microsteps_for_tensor_parallel_meshes():
 def test_program_and_description():
   s = split_lib.make_split(15 / 16, global_batch=2048, replicas=8, max_cell_rows=8)
   assert s.program == "time" and s.ar_microsteps == 30
-  assert s.describe().startswith("objective split: time (30 AR, 2 MDM microsteps) x 8 replicas")
+  assert s.describe() == ("objective split: time (30 AR, 2 MDM microsteps) x 8 replicas; "
+                          "lam 0.9375 = 240/256 AR cells")
   s = split_lib.make_split(15 / 16, global_batch=2048, replicas=256, max_cell_rows=8)
   assert (s.program, s.microsteps, s.n_ar) == ("device", 1, 240)
-  assert s.describe().startswith(
-      "objective split: device (AR sub-mesh 240 replicas, MDM 16 in microstep 0; 0 AR, 0 MDM "
-      "microsteps) x 1 microsteps")
-  assert "lam 0.9375 = 240/256 AR cells" in s.describe()
+  assert s.describe() == ("objective split: device (AR sub-mesh 240 replicas, MDM 16) x 1 "
+                          "microsteps; lam 0.9375 = 240/256 AR cells")
+  s = split_lib.make_split(0.375, global_batch=16, replicas=4)  # 3 of 8 cells: 2 microsteps
+  assert s.describe() == ("objective split: device (AR sub-mesh 3 replicas, MDM 1 in microstep 0, "
+                          "after 0 AR and before 1 MDM ones) x 2 microsteps; lam 0.375 = 3/8 AR "
+                          "cells")

@@ -56,37 +56,13 @@ class Request:
 # Joint tokenisation split at the character boundary.
 
 
-def _sentencepiece_processor(tokenizer: Any) -> Any:
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  if isinstance(tokenizer, spm.SentencePieceProcessor):
-    return tokenizer
-  for name in ("sp", "processor", "_sp", "_processor", "sp_model"):
-    sp = getattr(tokenizer, name, None)
-    if isinstance(sp, spm.SentencePieceProcessor):
-      return sp
-  return None
-
-
 def encode_with_char_spans(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-  """Token ids of `text` and each token's [begin, end) character span, when the tokenizer can say.
-
-  Uses `tokenizer.encode_with_offsets(text) -> (ids, spans)` if it exists, else a SentencePiece
-  processor's proto output (byte offsets, converted to characters). Raises TypeError otherwise.
-  """
-  if hasattr(tokenizer, "encode_with_offsets"):
-    ids, spans = tokenizer.encode_with_offsets(text)
-    return list(ids), [tuple(s) for s in spans]
-  sp = _sentencepiece_processor(tokenizer)
-  if sp is None:
-    raise TypeError("tokenizer has no encode_with_offsets and no SentencePiece processor")
-  proto = sp.encode(text, out_type="proto")
-  raw = text.encode("utf-8")
-  if len(raw) == len(text):  # ASCII: byte offsets are character offsets.
-    return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
-  is_start = (np.frombuffer(raw, np.uint8) & 0xC0) != 0x80  # Not a UTF-8 continuation byte.
-  byte_to_char = np.append(np.cumsum(is_start) - 1, len(text))
-  return ([p.id for p in proto.pieces],
-          [(int(byte_to_char[p.begin]), int(byte_to_char[p.end])) for p in proto.pieces])
+  """Token ids of `text` and each token's [begin, end) character span
+  (`Tokenizer.encode_with_offsets`); TypeError for a tokenizer without offsets."""
+  if not hasattr(tokenizer, "encode_with_offsets"):
+    raise TypeError("tokenizer has no encode_with_offsets")
+  ids, spans = tokenizer.encode_with_offsets(text)
+  return list(ids), [tuple(x) for x in spans]
 
 
 def split_encode(tokenizer: Any, context: str, completion: str) -> Request:
