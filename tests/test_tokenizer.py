@@ -11,7 +11,6 @@ from dualjax import tokenizer as tok_lib
 from data_fixtures import embedded_prepared  # noqa: F401  pylint: disable=unused-import
 
 from dualjax import prepare as prepare_lib
-from dualjax.evaluation import scoring
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +71,21 @@ def test_offsets_cover_text(tok):
     assert pos == len(t)
 
 
+def _proto_char_spans(sp, text):
+  """Ids and [begin, end) character spans from SentencePiece's proto byte offsets."""
+  proto = sp.encode(text, out_type="proto")
+  starts = [i for i, ch in enumerate(text) for _ in ch.encode("utf-8")] + [len(text)]
+  return ([p.id for p in proto.pieces],
+          [(starts[p.begin], starts[p.end]) for p in proto.pieces])
+
+
 def test_offsets_equal_the_proto_byte_offsets(tok):
-  """encode_with_offsets = SentencePiece's proto byte offsets in characters (what
-  evaluation.scoring derives from a bare processor), wherever no U+2581 is in the text."""
+  """encode_with_offsets = SentencePiece's proto byte offsets in characters, wherever no U+2581
+  is in the text."""
   rng = random.Random(3)
   for t in ["hello  world\n", "日本語 🎉 x"] + [_random_text(rng, 30) for _ in range(50)]:
     t = t.replace("\u2581", "")
-    assert tok.encode_with_offsets(t) == scoring.encode_with_char_spans(tok.sp, t), repr(t)
+    assert tok.encode_with_offsets(t) == _proto_char_spans(tok.sp, t), repr(t)
 
 
 def test_checksum_is_sha256_of_model_file(embedded_prepared, tok):  # noqa: F811

@@ -20,7 +20,7 @@ import numpy as np
 from dualjax import workdir as workdir_lib
 from dualjax.evaluation import metrics, prompts, scoring, tasks as tasks_lib
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "eval-data"
 DEFAULT_MODES = ("ar", "prefix", "pll", "mc")
 

@@ -1,0 +1,69 @@
+"""Useful FLOPs of a training step and the accelerators' peak rates (MFU, DESIGN.md §4, §11).
+
+Per input token of a row of L tokens, forward: 2 FLOPs per matmul parameter (every 2-D weight of
+the blocks and the head, the output matrix included; the embedding lookup is not a matmul) plus
+attention 4·L·H·Dh per layer (QK^T and AV), counted at half for causal rows (MaxText's
+convention). Training = 3 × forward (backward twice the forward); recomputation (remat) is not
+useful work and is not counted. A dual step with AR share lam has a fraction lam of causal rows.
+"""
+
+import math
+from typing import Any
+
+from dualjax import model as model_lib
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets); matched against `device_kind`.
+PEAK_BF16 = (
+    ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12),
+    ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v6", 918e12),
+    ("TPU v4", 275e12),
+)
+
+
+def matmul_params(cfg: model_lib.ModelConfig) -> int:
+  """Parameters that multiply activations per token: the blocks' and the head's matrices."""
+  D, HD, F, V, N = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size, \
+      cfg.num_layers
+  blocks = N * (4 * D * HD + 3 * D * F)
+  head = D * V + (D * D if cfg.head == "mlp" else 0)
+  return blocks + head
+
+
+def attention_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int,
+                              causal_fraction: float) -> float:
+  """Forward attention FLOPs per token (QK^T and AV), causal rows at half."""
+  full = 4 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+  return full * (0.5 * causal_fraction + (1.0 - causal_fraction))
+
+
+def forward_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int,
+                            causal_fraction: float) -> float:
+  return 2 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len, causal_fraction)
+
+
+def train_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int, lam: float) -> float:
+  """Useful training FLOPs per input token of a step with AR share `lam`."""
+  return 3 * forward_flops_per_token(cfg, seq_len, lam)
+
+
+def train_step_flops(cfg: model_lib.ModelConfig, seq_len: int, global_batch: int,
+                     lam: float) -> float:
+  """Useful FLOPs of one optimizer step (global batch x seq_len input tokens)."""
+  return train_flops_per_token(cfg, seq_len, lam) * global_batch * seq_len
+
+
+def peak_flops(device: Any) -> float | None:
+  """The chip's dense bf16 peak FLOP/s, or None when unknown (e.g. a CPU)."""
+  kind = str(getattr(device, "device_kind", device))
+  for name, peak in PEAK_BF16:
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_per_chip: float | None,
+        chips: int) -> float:
+  """Model FLOPs utilisation (NaN when the peak is unknown)."""
+  if not peak_per_chip:
+    return math.nan
+  return tokens_per_s * flops_per_token / (peak_per_chip * chips)
