@@ -7,10 +7,13 @@ are the mean over cells, so the step's loss is
   lam * ar_loss_scale * mean_{AR cells} L_AR + (1 - lam) * mean_{MDM cells} L_MDM,
 
 i.e. the dual loss with L_AR and L_MDM averaged over their own cells, as in the authors' DDP code.
-Two programs compute exactly these cells, both over `accumulate` (a scan over microsteps):
-`time_split_grad_fn` (whole single-objective microsteps, plain SPMD, any mesh) and
-`device_split_grad_fn` (the paper's AR/MDM sub-meshes: a partial-manual `shard_map` over 'replica'
-with `lax.cond` on the cell). lam in {0, 1} compiles without any conditional.
+
+Each replica accumulates the gradient of its own cells over the microsteps, and the gradients are
+reduced over replicas ONCE per optimizer step (`make_grad_fn` has the three programs). The
+microsteps are cut into static runs by objective (`accumulate`): the AR microsteps, at most one
+mixed microstep where an AR sub-mesh of replicas runs AR and the rest MDM (the device split: a
+`lax.cond` on the replica index), and the MDM microsteps. The time split (whole single-objective
+microsteps) and lam in {0, 1} have no conditional at all.
 """
 
 from typing import Any, Callable
@@ -58,33 +61,44 @@ def objective_grads(model_cfg: model_lib.ModelConfig, *, ar_loss_scale: float, z
   return jax.value_and_grad(ar, has_aux=True), jax.value_and_grad(mdm, has_aux=True)
 
 
-def accumulate(params: Params, micro: Batch, cell_keys: Callable[[jax.Array], jax.Array],
-               is_ar: Callable[[Any], Any], ar_vg: ValueAndGrad, mdm_vg: ValueAndGrad,
-               cells_per_call: int) -> tuple[Params, jax.Array, jax.Array]:
-  """Scans the microsteps of `micro`; returns (mean gradient, sum of AR / MDM cell losses).
+Acc = tuple[Params, jax.Array, jax.Array]  # (gradient sum, AR loss sum, MDM loss sum)
+# (params, rows of one microstep, microstep index) -> (sum of the cells' raw losses, gradient)
+Call = Callable[[Params, Batch, jax.Array], tuple[jax.Array, Params]]
 
-  `is_ar(m)` is a Python bool (static: no conditional in the program) or a traced bool.
-  """
-  microsteps = jax.tree.leaves(micro)[0].shape[0]
+
+def _run(acc: Acc, call: Call, is_ar: bool, params: Params, micro: Batch, first: int,
+         count: int) -> Acc:
+  """Adds microsteps first .. first+count-1 of one objective (a scan; static, no conditional)."""
+  if count == 0:
+    return acc
+  rows = jax.tree.map(lambda x: x[first:first + count], micro)
 
   def one(acc, inp):
     grads_acc, ar_sum, mdm_sum = acc
-    m, rows = inp
-    keys = cell_keys(m)
-    flag = is_ar(m)
-    if isinstance(flag, bool):
-      (_, raw), grads = (ar_vg if flag else mdm_vg)(params, rows, keys)
-    else:
-      (_, raw), grads = lax.cond(flag, ar_vg, mdm_vg, params, rows, keys)
+    m, r = inp
+    raw, grads = call(params, r, m)
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-    raw = raw * cells_per_call  # the call's mean over its cells -> their sum
-    return (grads_acc, ar_sum + jnp.where(flag, raw, 0.0),
-            mdm_sum + jnp.where(flag, 0.0, raw)), None
+    return ((grads_acc, ar_sum + raw, mdm_sum) if is_ar else (grads_acc, ar_sum, mdm_sum + raw)), None
 
-  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-          jnp.zeros((), jnp.float32))
-  (grads, ar_sum, mdm_sum), _ = lax.scan(one, init, (jnp.arange(microsteps), micro))
-  return jax.tree.map(lambda g: g / microsteps, grads), ar_sum, mdm_sum
+  acc, _ = lax.scan(one, acc, (first + jnp.arange(count), rows))
+  return acc
+
+
+def accumulate(params: Params, micro: Batch, split: ObjectiveSplit, ar: Call, mdm: Call,
+               zeros: Params, mixed: Callable[[Params, Batch, jax.Array], tuple[jax.Array,
+                                                                             jax.Array, Params]]
+               | None = None) -> Acc:
+  """Sums gradients and cell losses over the microsteps `micro` [M, ...]: the AR microsteps, the
+  mixed one (device split: `mixed` returns (AR loss sum, MDM loss sum, grads)), the MDM ones."""
+  M, A = split.microsteps, split.ar_microsteps
+  acc = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  acc = _run(acc, ar, True, params, micro, 0, A)
+  start = A
+  if split.program == "device":
+    a, b, grads = mixed(params, jax.tree.map(lambda x: x[A], micro), jnp.asarray(A))
+    acc = (jax.tree.map(jnp.add, acc[0], grads), acc[1] + a, acc[2] + b)
+    start += 1
+  return _run(acc, mdm, False, params, micro, start, M - start)
 
 
 def _metrics(split: ObjectiveSplit, ar_sum: jax.Array, mdm_sum: jax.Array,
@@ -99,83 +113,93 @@ def _metrics(split: ObjectiveSplit, ar_sum: jax.Array, mdm_sum: jax.Array,
   return metrics
 
 
-def _check_mesh(split: ObjectiveSplit, mesh: Mesh) -> None:
-  if mesh.shape["replica"] != split.replicas:
-    raise ValueError(f"split has {split.replicas} replicas but the mesh's replica axis is "
-                     f"{mesh.shape['replica']}")
-
-
-def time_split_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: Mesh, *,
-                       ar_loss_scale: float, z_loss: float,
-                       rules: sharding.Rules = sharding.DEFAULT_RULES) -> GradFn:
-  """Whole single-objective microsteps: the first `split.ar_microsteps` are AR on every device.
-
-  A plain SPMD program on any mesh (fsdp, tensor); lam in {0, 1} has no conditional.
-  """
-  _check_mesh(split, mesh)
-  if split.program != "time":
-    raise ValueError(f"the time split needs n_ar ({split.n_ar}) divisible by the replicas "
-                     f"({split.replicas})")
-  R = split.replicas
-  ar_vg, mdm_vg = objective_grads(model_cfg, ar_loss_scale=ar_loss_scale, z_loss=z_loss)
-
-  def is_ar(m):
-    if split.n_ar in (0, split.cells):
-      return split.n_ar == split.cells
-    return m < split.ar_microsteps
-
-  def grad_fn(params, batch, key):
-    def cell_keys(m):
-      return jax.vmap(lambda c: jax.random.fold_in(key, c))(m * R + jnp.arange(R))
-    with sharding.activation_rules(mesh, rules):
-      grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, split.microsteps), cell_keys,
-                                          is_ar, ar_vg, mdm_vg, R)
-    return grads, _metrics(split, ar_sum, mdm_sum, ar_loss_scale)
-  return grad_fn
-
-
-def device_split_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: Mesh, *,
-                         ar_loss_scale: float, z_loss: float,
-                         rules: sharding.Rules = sharding.DEFAULT_RULES) -> GradFn:
-  """Replicas branch per cell (AR sub-mesh / MDM sub-mesh) inside a shard_map over 'replica'.
-
-  fsdp stays automatic inside; one pmean of the gradients. Needs mesh tensor = 1 (XLA cannot
-  partition tensor-parallel collectives inside replica-dependent branches, jax 0.10).
-  """
-  _check_mesh(split, mesh)
-  if mesh.shape["tensor"] > 1:
-    raise ValueError("replicas running different objectives in one microstep need mesh tensor = 1 "
-                     "(XLA cannot partition it); use a split with n_ar divisible by replicas "
-                     "(make_split(..., whole_microsteps=True))")
-  R = split.replicas
-  ar_vg, mdm_vg = objective_grads(model_cfg, ar_loss_scale=ar_loss_scale, z_loss=z_loss)
-  inner_rules = sharding.without_axes(rules, ("replica",))
-
-  def body(params, batch, key):
-    replica = lax.axis_index("replica")
-
-    def cell_keys(m):
-      return jax.random.fold_in(key, m * R + replica)[None]
-
-    def is_ar(m):
-      return m * R + replica < split.n_ar
-    with sharding.activation_rules(None, inner_rules):
-      grads, ar_sum, mdm_sum = accumulate(params, cell_rows(batch, split.microsteps), cell_keys,
-                                          is_ar, ar_vg, mdm_vg, 1)
-    grads = lax.pmean(grads, "replica")
-    ar_sum, mdm_sum = lax.psum((ar_sum, mdm_sum), "replica")
-    return grads, _metrics(split, ar_sum, mdm_sum, ar_loss_scale)
-
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P("replica"), P()),
-                       out_specs=(P(), P()), axis_names={"replica"}, check_vma=False)
+def _single_cell(vg: ValueAndGrad, key_of: Callable[[jax.Array], jax.Array]) -> Call:
+  def call(params, rows, m):
+    (_, raw), grads = vg(params, rows, key_of(m)[None])
+    return raw, grads
+  return call
 
 
 def make_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: Mesh, *,
                  ar_loss_scale: float, z_loss: float,
                  rules: sharding.Rules = sharding.DEFAULT_RULES) -> GradFn:
-  """`grad_fn(params, batch, key) -> (grads, metrics)` for one optimizer step (`split.program`)."""
-  make = time_split_grad_fn if split.program == "time" else device_split_grad_fn
-  return make(model_cfg, split, mesh, ar_loss_scale=ar_loss_scale, z_loss=z_loss, rules=rules)
+  """`grad_fn(params, batch, key) -> (grads, metrics)` for one optimizer step (module docstring).
+
+  Three programs, each with ONE reduction of the gradients over replicas per step:
+    one replica: plain SPMD;
+    time split, R > 1: the replicas' cells side by side, `vmap` over a leading replica axis
+      (spmd_axis_name='replica'), so each replica's gradient is accumulated locally and summed
+      once at the end; any mesh (fsdp, tensor);
+    device split: a partial-manual `shard_map` over 'replica' with the mixed microstep's
+      `lax.cond`, one `pmean`; needs mesh tensor = 1 (XLA cannot partition tensor-parallel
+      collectives inside a partial-manual region, jax 0.10).
+  """
+  R, M = split.replicas, split.microsteps
+  if mesh.shape["replica"] != R:
+    raise ValueError(f"split has {R} replicas but the mesh's replica axis is "
+                     f"{mesh.shape['replica']}")
+  if split.program == "device" and mesh.shape["tensor"] > 1:
+    raise ValueError("replicas running different objectives in one microstep need mesh tensor = 1 "
+                     "(XLA cannot partition it); use a split with n_ar divisible by replicas "
+                     "(make_split(..., whole_microsteps=True))")
+  ar_vg, mdm_vg = objective_grads(model_cfg, ar_loss_scale=ar_loss_scale, z_loss=z_loss)
+
+  def finish(grads, ar_sum, mdm_sum):
+    return jax.tree.map(lambda g: g / M, grads), _metrics(split, ar_sum, mdm_sum, ar_loss_scale)
+
+  if R == 1:
+    def plain(params, batch, key):
+      key_of = lambda m: jax.random.fold_in(key, m)
+      with sharding.activation_rules(mesh, rules):
+        acc = accumulate(params, cell_rows(batch, M), split, _single_cell(ar_vg, key_of),
+                         _single_cell(mdm_vg, key_of), jax.tree.map(jnp.zeros_like, params))
+      return finish(*acc)
+    return plain
+
+  inner_rules = sharding.without_axes(rules, ("replica",))
+  if split.program == "time":
+    def replicas(vg: ValueAndGrad, key: jax.Array) -> Call:
+      one = jax.vmap(lambda p, rows, k: vg(p, rows, k[None]), in_axes=(None, 0, 0),
+                     spmd_axis_name="replica")
+
+      def call(params, rows_R, m):
+        keys = jax.vmap(lambda r: jax.random.fold_in(key, m * R + r))(jnp.arange(R))
+        (_, raw_R), grads_R = one(params, rows_R, keys)
+        return raw_R.sum(), grads_R
+      return call
+
+    def time_split(params, batch, key):
+      per_replica = jax.tree.map(lambda x: x.reshape(R, x.shape[0] // R, *x.shape[1:]), batch)
+      micro = jax.tree.map(lambda x: x.swapaxes(0, 1), jax.vmap(
+          lambda b: cell_rows(b, M))(per_replica))  # [M, R, rows, ...]
+      zeros = jax.tree.map(lambda p: jnp.zeros((R,) + p.shape, p.dtype), params)
+      with sharding.activation_rules(mesh, inner_rules):
+        grads_R, ar_sum, mdm_sum = accumulate(params, micro, split, replicas(ar_vg, key),
+                                              replicas(mdm_vg, key), zeros)
+      return finish(jax.tree.map(lambda g: g.sum(0) / R, grads_R), ar_sum, mdm_sum)
+    return time_split
+
+  n_ar_mixed = split.n_ar % R  # replicas that run AR in the mixed microstep
+
+  def body(params, batch, key):
+    replica = lax.axis_index("replica")
+    key_of = lambda m: jax.random.fold_in(key, m * R + replica)
+
+    def mixed(params, rows, m):
+      flag = replica < n_ar_mixed
+      (_, raw), grads = lax.cond(flag, ar_vg, mdm_vg, params, rows, key_of(m)[None])
+      return jnp.where(flag, raw, 0.0), jnp.where(flag, 0.0, raw), grads
+
+    with sharding.activation_rules(None, inner_rules):
+      grads, ar_sum, mdm_sum = accumulate(
+          params, cell_rows(batch, M), split, _single_cell(ar_vg, key_of),
+          _single_cell(mdm_vg, key_of), jax.tree.map(jnp.zeros_like, params), mixed)
+    grads = lax.pmean(grads, "replica")  # the one reduction
+    ar_sum, mdm_sum = lax.psum((ar_sum, mdm_sum), "replica")
+    return finish(grads, ar_sum, mdm_sum)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P("replica"), P()),
+                       out_specs=(P(), P()), axis_names={"replica"}, check_vma=False)
 
 
 def make_train_step(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: Mesh,

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dualjax import hlo
 from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import objectives
@@ -86,7 +87,8 @@ def test_dual_gradient_matches_separate_objectives(mesh_shape, lam, rows, device
   np.testing.assert_allclose(metrics["ar_loss"], l_ar, rtol=1e-6)
   np.testing.assert_allclose(metrics["mdm_loss"], l_mdm, rtol=1e-6)
   np.testing.assert_allclose(metrics["loss"], lam * SCALE * l_ar + (1 - lam) * l_mdm, rtol=1e-6)
-  assert _has_conditional(grad_fn.lower(params, batch_j, key).as_text())
+  # Only the device split's mixed microstep branches; the time split runs static scans.
+  assert _has_conditional(grad_fn.lower(params, batch_j, key).as_text()) == device_split
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
@@ -114,3 +116,29 @@ def test_single_objective_is_plain(lam):
 
 def _has_conditional(stablehlo: str) -> bool:
   return "stablehlo.case" in stablehlo or "stablehlo.if" in stablehlo
+
+
+@pytest.mark.parametrize("mesh_shape,lam,microsteps,program", [
+    ((8, 1, 1), 0.5, 4, "time"),     # 2 AR + 2 MDM microsteps on every replica
+    ((4, 1, 1), 0.375, 0, "device"),  # an AR sub-mesh in the mixed microstep
+])
+def test_one_gradient_reduction_per_step(mesh_shape, lam, microsteps, program):
+  """The compiled step all-reduces the gradients once (not once per microstep): the all-reduce
+  payload is the parameters' size plus a few scalars, whatever the number of microsteps."""
+  n = int(np.prod(mesh_shape))
+  mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:n])
+  split = split_lib.make_split(lam, 64, mesh_shape[0], microsteps)
+  assert split.program == program and split.microsteps > 1
+  abstract = model_lib.abstract_params(CFG)
+  sh = sharding.param_shardings(model_lib.logical_axes(CFG), abstract, mesh)
+  params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), abstract, sh)
+  rows = jax.ShapeDtypeStruct((64, 17), jnp.int32, sharding=mesh_lib.batch_sharding(mesh))
+  fn = jax.jit(step_lib.make_grad_fn(CFG, split, mesh, ar_loss_scale=SCALE, z_loss=1e-4),
+               out_shardings=(sh, None))
+  text = fn.lower(params, {"tokens": rows, "segment_ids": rows}, jax.random.key(0)).compile().as_text()
+  stats, ops = hlo.collective_stats(text, return_ops=True)
+  param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(abstract))
+  assert set(stats) == {"all-reduce"}, stats
+  big = [op for op in ops if op["payload"] > 1024]
+  assert len(big) >= 1 and all(op["times"] == 1 for op in big), big  # outside the microstep loop
+  assert param_bytes <= stats["all-reduce"]["bytes"] <= 1.01 * param_bytes + 1024, (stats, param_bytes)
