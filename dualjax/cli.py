@@ -8,6 +8,8 @@ field names of the run config (`--config.eval.tasks` means the same in training 
 line on stderr, `error: ...`, and exit code 2.
 """
 
+import glob
+import os
 import pathlib
 import sys
 import warnings
@@ -127,8 +129,20 @@ def parse(argv: Sequence[str], doc: str, flag_values: flags.FlagValues, *,
   return Args(extra, cfg)
 
 
+def quiet_tpu_probe() -> None:
+  """On a machine without TPU chips, give libtpu (installed for ahead-of-time TPU compiles) the
+  worker settings it would otherwise look up and warn about at start-up. A no-op on a TPU VM
+  (its chips appear as /dev/accel* or /dev/vfio devices) and where they are set already."""
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return
+  for name, value in (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                      ("TPU_WORKER_ID", "0")):
+    os.environ.setdefault(name, value)
+
+
 def run(main: Callable[[list[str]], int], errors: tuple[type[BaseException], ...] = ()) -> None:
   """`sys.exit(main(sys.argv))`; an exception of `errors` is one line and exit code 2."""
+  quiet_tpu_probe()
   try:
     code = main(sys.argv)
   except errors as e:

@@ -9,7 +9,8 @@
   data, objective, train, mesh, checkpoint, log: here.
 
 Variants (`configs/base.py:tiny`): '' = the paper's scale, 'tiny' = a CPU-sized model on the
-embedded corpus that trains in well under a minute on two cores.
+embedded corpus that trains in well under a minute on two cores, '7b' = a ~7B model with FSDP
+over the whole slice (e.g. v5p-128).
 """
 
 import dataclasses
@@ -24,11 +25,12 @@ from dualjax import sharding
 from dualjax.errors import ConfigError
 from dualjax.evaluation import suite
 
-VARIANTS = ("", "tiny")
+VARIANTS = ("", "tiny", "7b")
 
 # The tiny preset (the README demo, CPU tests, `evaluate --random_init` smoke runs).
 TINY_MODEL = dict(vocab_size=2048, num_layers=2, d_model=64, num_heads=4, head_dim=16, mlp_dim=192,
-                  max_seq_len=128, compute_dtype="float32", attention_impl="xla")
+                  mlp_multiple=1, max_seq_len=128, compute_dtype="float32",
+                  attention_impl="xla")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.model = ml_collections.ConfigDict(dataclasses.asdict(model_lib.ModelConfig()))
+  c.model.mlp_multiple = 128  # the FFN stored 3584 wide (3554 + zero padding): aligned matmuls
   c.data = ml_collections.ConfigDict(dict(
       # HPLT v2 English as JSONL.zst (text field), e.g. '/data/hplt2/eng_Latn/*.jsonl.zst'.
       source="",
@@ -74,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "tiny":
     _tiny(c)
+  elif arg == "7b":
+    _7b(c)
   elif arg not in (None, ""):
     raise ValueError(f"config variant must be one of {VARIANTS}, got {arg!r}")
   return c
@@ -87,6 +92,14 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every = 50
   c.log.update(dict(every=10, val_every=50, val_batches=4))
   c.mesh.max_device_rows = 0
+
+
+def _7b(c: ml_collections.ConfigDict) -> None:
+  """A ~7B model (Llama-2-7B shapes, the paper's head and vocabulary) for pods: parameters,
+  gradients and optimizer state sharded over every chip (FSDP), activations recomputed."""
+  c.model.update(dict(num_layers=32, d_model=4096, num_heads=32, head_dim=128, mlp_dim=11008,
+                      remat="full"))
+  c.mesh.update(dict(replica=1, fsdp=-1, tensor=1, max_device_rows=2))
 
 
 def paper_lam(repetitions: int) -> float:

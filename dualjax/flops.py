@@ -13,20 +13,28 @@ from typing import Any
 from dualjax import model as model_lib
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets); matched against `device_kind`.
+# (First match wins: libtpu calls a v5p chip "TPU v5", a v5e chip "TPU v5 lite".)
 PEAK_BF16 = (
     ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12),
-    ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v6", 918e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12),
     ("TPU v4", 275e12),
 )
 
 
+def layer_matmul_params(cfg: model_lib.ModelConfig) -> int:
+  """Matrix parameters of one block (q, k, v, o, up, gate, down)."""
+  D, HD, F = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+  return 4 * D * HD + 3 * D * F
+
+
+def head_matmul_params(cfg: model_lib.ModelConfig) -> int:
+  """Matrix parameters of the output head (projection and output matrix)."""
+  return cfg.d_model * cfg.vocab_size + (cfg.d_model ** 2 if cfg.head == "mlp" else 0)
+
+
 def matmul_params(cfg: model_lib.ModelConfig) -> int:
   """Parameters that multiply activations per token: the blocks' and the head's matrices."""
-  D, HD, F, V, N = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size, \
-      cfg.num_layers
-  blocks = N * (4 * D * HD + 3 * D * F)
-  head = D * V + (D * D if cfg.head == "mlp" else 0)
-  return blocks + head
+  return cfg.num_layers * layer_matmul_params(cfg) + head_matmul_params(cfg)
 
 
 def attention_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int,

@@ -53,6 +53,7 @@ class ModelConfig:
   num_heads: int = 16
   head_dim: int = 64
   mlp_dim: int = 3554
+  mlp_multiple: int = 1  # store the FFN width padded to a multiple of this (zero padding, same math)
   max_seq_len: int = 2048
   rope_theta: float = 160_000.0
   norm_eps: float = 1e-7
@@ -62,10 +63,11 @@ class ModelConfig:
   attention_impl: str = "auto"
   scan_layers: bool = True
   remat: bool | str | None = "none"  # False/None/'none', True/'full', or a jax.checkpoint_policies name
+  head_chunk: int = 512  # losses run the output head over this many positions at a time (0: all)
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim",
-                 "max_seq_len"):
+                 "max_seq_len", "mlp_multiple"):
       v = getattr(self, name)
       if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
@@ -80,6 +82,8 @@ class ModelConfig:
     for name in ("compute_dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+    if not isinstance(self.head_chunk, (int, np.integer)) or self.head_chunk < 0:
+      raise ValueError(f"ModelConfig.head_chunk must be an integer >= 0, got {self.head_chunk!r}")
     if self.attention_impl not in attention.IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention_impl must be one of {attention.IMPLEMENTATIONS}, "
                        f"got {self.attention_impl!r}")
@@ -88,6 +92,11 @@ class ModelConfig:
   @property
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.compute_dtype)
+
+  @property
+  def mlp_padded(self) -> int:
+    """The stored FFN width: mlp_dim rounded up to a multiple of mlp_multiple."""
+    return -(-self.mlp_dim // self.mlp_multiple) * self.mlp_multiple
 
 
 def remat_policy(remat: Any) -> Any:
@@ -111,6 +120,16 @@ def _tn(std: float | jax.Array) -> Callable[..., jax.Array]:
     unit = jax.nn.initializers.truncated_normal(1.0, lower=-2.0, upper=2.0)(key, shape, dtype)
     return (unit * std).astype(dtype)
   return init
+
+
+def _zero_beyond(init: Callable[..., jax.Array], axis: int, n: int) -> Callable[..., jax.Array]:
+  """`init` with every index >= n along `axis` zero (the FFN padding)."""
+  def padded(key, shape, dtype):
+    x = init(key, shape, dtype)
+    keep = jnp.arange(shape[axis]) < n
+    return jnp.where(keep.reshape([-1 if i == axis % len(shape) else 1
+                                   for i in range(len(shape))]), x, 0).astype(dtype)
+  return padded
 
 
 def _hidden_std(d_model: int) -> float:
@@ -188,19 +207,24 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU: down(up(x) * silu(gate(x))); up/gate of layer i scaled by sqrt(1 / (2 (i + 1)))."""
+  """SwiGLU: down(up(x) * silu(gate(x))); up/gate of layer i scaled by sqrt(1 / (2 (i + 1))).
+
+  Stored F = `mlp_padded`: the padded up/gate columns and down rows are zero, so they add
+  nothing, their gradients are zero, and Muon and AdamW keep them zero.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, h_BxLxD, layer):
     cfg, dt = self.cfg, self.cfg.dtype
-    D, F, pd = cfg.d_model, cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
+    D, F, Fp, pd = cfg.d_model, cfg.mlp_dim, cfg.mlp_padded, jnp.dtype(cfg.param_dtype)
     std = _hidden_std(D) * jnp.sqrt(1.0 / (2.0 * (layer.astype(jnp.float32) + 1.0)))
-    up = _param(self, "up", _tn(std), (D, F), ("embed", "mlp"), pd)
-    gate = _param(self, "gate", _tn(std), (D, F), ("embed", "mlp"), pd)
-    down = _param(self, "down", nn.initializers.zeros, (F, D), ("mlp", "embed"), pd)
-    up_BxLxF = _constrain(dense(h_BxLxD, up, dt), (BATCH, LENGTH, MLP_ACT))
-    gate_BxLxF = _constrain(dense(h_BxLxD, gate, dt), (BATCH, LENGTH, MLP_ACT))
+    up = _param(self, "up", _zero_beyond(_tn(std), -1, F), (D, Fp), ("embed", "mlp"), pd)
+    gate = _param(self, "gate", _zero_beyond(_tn(std), -1, F), (D, Fp), ("embed", "mlp"), pd)
+    down = _param(self, "down", nn.initializers.zeros, (Fp, D), ("mlp", "embed"), pd)
+    # The [B, L, F] intermediates (what the backward pass keeps) in the compute dtype.
+    up_BxLxF = _constrain(dense(h_BxLxD, up, dt).astype(dt), (BATCH, LENGTH, MLP_ACT))
+    gate_BxLxF = _constrain(dense(h_BxLxD, gate, dt).astype(dt), (BATCH, LENGTH, MLP_ACT))
     return dense(up_BxLxF * jax.nn.silu(gate_BxLxF), down, dt)
 
 
@@ -349,8 +373,14 @@ def logical_axes(cfg: ModelConfig) -> Params:
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
-  """ShapeDtypeStructs of the parameters (no memory)."""
+  """ShapeDtypeStructs of the parameters as stored (no memory)."""
   return jax.eval_shape(functools.partial(init, cfg), jax.random.key(0))
+
+
+def logical_shapes(cfg: ModelConfig) -> Params:
+  """Each parameter's shape without the FFN padding (what Muon's scale and counts use)."""
+  unpadded = abstract_params(dataclasses.replace(cfg, mlp_multiple=1))
+  return jax.tree.map(lambda x: tuple(x.shape), unpadded)
 
 
 def apply(params: Params, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, *,
@@ -375,8 +405,8 @@ def count_params(params_or_cfg: Params | ModelConfig) -> dict[str, int]:
   config: total 468 700 160, non-embedding 363 791 360 (the paper's ≈470M / ≈360M).
   """
   params = params_or_cfg
-  if isinstance(params_or_cfg, ModelConfig):
-    params = abstract_params(params_or_cfg)
+  if isinstance(params_or_cfg, ModelConfig):  # logical: without the FFN padding
+    params = abstract_params(dataclasses.replace(params_or_cfg, mlp_multiple=1))
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   vocab = int(np.prod(params["embed"].shape)) + int(np.prod(params["head"]["out"].shape))
   if "out_bias" in params["head"]:

@@ -46,6 +46,36 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.A
   return lse_BxL - picked_BxL, lse_BxL
 
 
+def _chunk(length: int, chunk: int) -> int:
+  """The largest divisor of `length` that is at most `chunk` (0: no chunking)."""
+  if chunk <= 0 or chunk >= length:
+    return length
+  return max(c for c in range(1, chunk + 1) if length % c == 0)
+
+
+def model_token_losses(params: Any, inputs_BxL: jax.Array, seg_BxL: jax.Array,
+                       targets_BxL: jax.Array, *, cfg: model_lib.ModelConfig, mode: str
+                       ) -> tuple[jax.Array, jax.Array]:
+  """`token_losses` of the model's logits, the head run over chunks of `cfg.head_chunk`
+  positions under `jax.checkpoint`: the fp32 [B, L, V] logits never exist at once (forward or
+  backward), only one chunk's."""
+  hidden_BxLxD = model_lib.apply(params, inputs_BxL, seg_BxL, cfg=cfg, mode=mode,
+                                 return_hidden=True)
+  B, L, D = hidden_BxLxD.shape
+  C = _chunk(L, cfg.head_chunk)
+  if C == L:
+    return token_losses(model_lib.head(params, hidden_BxLxD, cfg=cfg), targets_BxL)
+
+  @jax.checkpoint
+  def one(h_BxCxD, t_BxC):
+    return token_losses(model_lib.head(params, h_BxCxD, cfg=cfg), t_BxC)
+
+  h_KxBxCxD = hidden_BxLxD.reshape(B, L // C, C, D).swapaxes(0, 1)
+  t_KxBxC = targets_BxL.reshape(B, L // C, C).swapaxes(0, 1)
+  ce_KxBxC, lse_KxBxC = jax.lax.map(lambda a: one(*a), (h_KxBxCxD, t_KxBxC))
+  return ce_KxBxC.swapaxes(0, 1).reshape(B, L), lse_KxBxC.swapaxes(0, 1).reshape(B, L)
+
+
 def ar_loss(params: Any, batch: Batch, *, cfg: model_lib.ModelConfig,
             z_loss: float = 1e-4, num_cells: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Causal next-token loss: mean CE over scorable targets + z_loss * mean lse^2.
@@ -54,8 +84,8 @@ def ar_loss(params: Any, batch: Batch, *, cfg: model_lib.ModelConfig,
   cells of each cell's own loss (what separate devices would average).
   """
   inputs_BxL, seg_BxL, targets_BxL, scorable_BxL = split_batch(batch)
-  logits_BxLxV = model_lib.apply(params, inputs_BxL, seg_BxL, cfg=cfg, mode="causal")
-  ce_BxL, lse_BxL = token_losses(logits_BxLxV, targets_BxL)
+  ce_BxL, lse_BxL = model_token_losses(params, inputs_BxL, seg_BxL, targets_BxL, cfg=cfg,
+                                       mode="causal")
   B, L = targets_BxL.shape
   if B % num_cells:
     raise ValueError(f"{B} rows do not split into num_cells={num_cells} equal cells")
@@ -119,8 +149,8 @@ def mdm_loss_from_corruption(params: Any, batch: Batch, masked_inputs_BxL: jax.A
   """MDM loss for a given corruption: sum(w * ce) / (B L) + z_loss * sum(w * lse^2) / (B L)."""
   _, seg_BxL, targets_BxL, _ = split_batch(batch)
   B, L = targets_BxL.shape
-  logits_BxLxV = model_lib.apply(params, masked_inputs_BxL, seg_BxL, cfg=cfg, mode="bidirectional")
-  ce_BxL, lse_BxL = token_losses(logits_BxLxV, targets_BxL)
+  ce_BxL, lse_BxL = model_token_losses(params, masked_inputs_BxL, seg_BxL, targets_BxL, cfg=cfg,
+                                       mode="bidirectional")
   ce = (weights_BxL * ce_BxL).sum() / (B * L)
   z = z_loss * (weights_BxL * lse_BxL ** 2).sum() / (B * L)
   return ce + z, {"ce": ce, "z_loss": z, "num_scored": (weights_BxL > 0).sum().astype(jnp.float32)}
@@ -169,8 +199,8 @@ def span_mask_loss(params: Any, batch: Batch, key: jax.Array, *, cfg: model_lib.
   n = max(1, round(rate * L))
   start_B = jax.random.randint(key, (B,), 0, L - n + 1)
   masked_inputs_BxL, scored_BxL = span_mask_corrupt(inputs_BxL, scorable_BxL, start_B, rate)
-  logits_BxLxV = model_lib.apply(params, masked_inputs_BxL, seg_BxL, cfg=cfg, mode="bidirectional")
-  ce_BxL, _ = token_losses(logits_BxLxV, targets_BxL)
+  ce_BxL, _ = model_token_losses(params, masked_inputs_BxL, seg_BxL, targets_BxL, cfg=cfg,
+                                 mode="bidirectional")
   w_BxL = scored_BxL.astype(jnp.float32)
   return (w_BxL * ce_BxL).sum() / jnp.maximum(w_BxL.sum(), 1.0), {"num_scored": w_BxL.sum()}
 

@@ -16,7 +16,7 @@ for non-square kernels; for square ones NS5(W^T) = NS5(W)^T up to bf16 rounding.
 """
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,10 +55,73 @@ class MuonState(NamedTuple):
   momentum: Any
 
 
+def _wide(x: jax.Array) -> tuple[jax.Array, bool]:
+  """[..., m, n] with m <= n (transposed when taller than wide)."""
+  tall = x.shape[-2] > x.shape[-1]
+  return (jnp.swapaxes(x, -1, -2) if tall else x), tall
+
+
+NsFn = Callable[[jax.Array], jax.Array]  # [K, m, n] -> NS of each of the K matrices (fp32)
+
+
+def orthogonalise_all(gs: list[jax.Array], ns: NsFn) -> list[jax.Array]:
+  """`ns` of every matrix of `gs` (each [..., m, n]), batched by wide shape.
+
+  Matrices of one wide shape (all layers of q, k, v, o; of up, gate and down^T) are stacked into
+  one batch, so that `ns` can divide a batch among devices (`sharded_ns`).
+  """
+  groups: dict[tuple[int, int], list[int]] = {}
+  wide = []
+  for i, g in enumerate(gs):
+    w, tall = _wide(g.astype(jnp.float32))
+    wide.append((w.reshape((-1,) + w.shape[-2:]), tall, g.shape))
+    groups.setdefault(w.shape[-2:], []).append(i)
+  out: list[jax.Array | None] = [None] * len(gs)
+  for members in groups.values():
+    o = ns(jnp.concatenate([wide[i][0] for i in members]))
+    start = 0
+    for i in members:
+      w, tall, shape = wide[i]
+      part = o[start:start + w.shape[0]].reshape(shape[:-2] + w.shape[-2:])
+      start += w.shape[0]
+      out[i] = jnp.swapaxes(part, -1, -2) if tall else part
+  return out
+
+
+def sharded_ns(mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bfloat16
+               ) -> NsFn | None:
+  """Newton-Schulz of a replicated [K, m, n] stack divided among every device of `mesh`: each
+  device orthogonalises its K/n matrices (K padded with zero matrices, NS(0) = 0), then one
+  all-gather of the results (DESIGN.md §4). None on one device."""
+  if mesh is None or mesh.size == 1:
+    return None
+  axes = tuple(mesh.axis_names)
+  n = mesh.size
+
+  def local(stack):
+    K = stack.shape[0]
+    k = -(-K // n)
+    stack = jnp.concatenate([stack, jnp.zeros((k * n - K,) + stack.shape[1:], stack.dtype)])
+    i = jax.lax.axis_index(axes)
+    mine = jax.lax.dynamic_slice_in_dim(stack, i * k, k, axis=0)
+    out = jax.lax.all_gather(newton_schulz(mine, steps, eps, dtype), axes, axis=0, tiled=True)
+    return out[:K]
+
+  return jax.shard_map(local, mesh=mesh, in_specs=jax.sharding.PartitionSpec(),
+                       out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+
+
 def muon(learning_rate: ScalarOrSchedule, *, momentum: float = 0.95, ns_steps: int = 5,
-         weight_decay: float = 0.1, eps: float = 1e-7, ns_dtype: Any = jnp.bfloat16
+         weight_decay: float = 0.1, eps: float = 1e-7, ns_dtype: Any = jnp.bfloat16,
+         scale_dims: Mapping[str, int] | None = None, ns: NsFn | None = None
          ) -> optax.GradientTransformation:
-  """Muon on every leaf (each >= 2-D; leading axes are batch); returns ready updates."""
+  """Muon on every leaf (each >= 2-D; leading axes are batch); returns ready updates.
+
+  `scale_dims`: parameter path (`jax.tree_util.keystr`) -> max(rows, cols) of its LOGICAL shape,
+  for parameters stored padded (the FFN); default: the stored shape. `ns`: how a stack of
+  matrices is orthogonalised (e.g. `sharded_ns(mesh)`); default `newton_schulz` here.
+  """
+  ns = ns or (lambda stack: newton_schulz(stack, ns_steps, eps, ns_dtype))
 
   def init_fn(params):
     for path, p in jax.tree_util.tree_leaves_with_path(params):
@@ -73,13 +136,16 @@ def muon(learning_rate: ScalarOrSchedule, *, momentum: float = 0.95, ns_steps: i
       raise ValueError("muon: update needs params (decoupled weight decay)")
     lr = _lr(learning_rate, state.count)
     buf = jax.tree.map(lambda b, g: momentum * b + g.astype(jnp.float32), state.momentum, updates)
-
-    def one(g, b, p):
-      o = newton_schulz(g.astype(jnp.float32) + momentum * b, ns_steps, eps, ns_dtype)
-      scale = 0.2 * max(g.shape[-2], g.shape[-1]) ** 0.5
-      return (-lr * weight_decay * p.astype(jnp.float32) - lr * scale * o).astype(p.dtype)
-    new = jax.tree.map(one, updates, buf, params)
-    return new, MuonState(optax.safe_increment(state.count), buf)
+    paths_g, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    bs, ps = jax.tree.leaves(buf), jax.tree.leaves(params)
+    os = orthogonalise_all([g.astype(jnp.float32) + momentum * b for (_, g), b in zip(paths_g, bs)],
+                           ns)
+    new = []
+    for (path, g), o, p in zip(paths_g, os, ps):
+      dim = (scale_dims or {}).get(jax.tree_util.keystr(path), max(g.shape[-2], g.shape[-1]))
+      new.append((-lr * weight_decay * p.astype(jnp.float32)
+                  - lr * 0.2 * dim ** 0.5 * o).astype(p.dtype))
+    return jax.tree.unflatten(treedef, new), MuonState(optax.safe_increment(state.count), buf)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -158,15 +224,30 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
+  # Newton-Schulz divided among the devices of a data-parallel mesh (+ one all-gather of the
+  # orthogonalised matrices), instead of repeated on every device.
+  sharded_ns: bool = True
 
 
 def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
-                   cfg: OptimConfig = OptimConfig()) -> optax.GradientTransformation:
+                   cfg: OptimConfig = OptimConfig(), *, logical_shapes: Any = None,
+                   mesh: Any = None) -> optax.GradientTransformation:
   """Muon for the hidden matrices, AdamW for embedding, output, bias and norms (routed by the
-  parameters' logical axes, `dualjax.model.logical_axes`); `cfg.learning_rate` is not used."""
+  parameters' logical axes, `dualjax.model.logical_axes`); `cfg.learning_rate` is not used.
+
+  `logical_shapes` (`model.logical_shapes`): Muon's scale uses them for padded parameters.
+  `mesh`: Muon's Newton-Schulz divided among its devices (`sharded_ns`) when `cfg.sharded_ns`.
+  """
+  scale_dims = None
+  if logical_shapes is not None:
+    scale_dims = {jax.tree_util.keystr(path): max(shape[-2:])
+                  for path, shape in jax.tree_util.tree_leaves_with_path(
+                      logical_shapes, is_leaf=lambda x: isinstance(x, tuple))
+                  if len(shape) >= 2}
   return optax.multi_transform(
       {"muon": muon(learning_rate, momentum=cfg.momentum, ns_steps=cfg.ns_steps,
-                    weight_decay=cfg.weight_decay),
+                    weight_decay=cfg.weight_decay, scale_dims=scale_dims,
+                    ns=sharded_ns(mesh, cfg.ns_steps) if cfg.sharded_ns else None),
        "adamw": adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay)},
       param_labels(logical_axes))
@@ -201,9 +282,10 @@ def optim_config(section: Any) -> OptimConfig:
   return OptimConfig(**c)
 
 
-def make_optimizer_from_config(section: Any, logical_axes: Any, *, total_steps: int
+def make_optimizer_from_config(section: Any, logical_axes: Any, *, total_steps: int,
+                               logical_shapes: Any = None, mesh: Any = None
                                ) -> optax.GradientTransformation:
   """`make_optimizer` with the WSD schedule from an `optim` config section."""
   c = optim_config(section)
   sched = wsd_schedule(c.learning_rate, total_steps, c.warmup_steps, c.decay_fraction)
-  return make_optimizer(sched, logical_axes, c)
+  return make_optimizer(sched, logical_axes, c, logical_shapes=logical_shapes, mesh=mesh)

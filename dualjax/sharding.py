@@ -9,6 +9,7 @@ replicated), so one rule set serves every mesh.
 """
 
 import contextlib
+import contextvars
 import math
 from typing import Any, Iterator, Sequence
 
@@ -110,16 +111,45 @@ def without_axes(rules: Rules, axes: Sequence[str]) -> tuple[tuple[str, Any], ..
   return tuple(out)
 
 
+_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("dualjax_mesh", default=None)
+_VMAPPED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("dualjax_vmapped",
+                                                                           default=())
+
+
 @contextlib.contextmanager
-def activation_rules(mesh: Mesh | None, rules: Rules) -> Iterator[None]:
+def activation_rules(mesh: Mesh | None, rules: Rules, vmapped_axes: Sequence[str] = ()
+                     ) -> Iterator[None]:
   """Model code traced inside applies `rules` to its activation constraints.
 
-  Enter it inside the traced function. `mesh` sets the abstract mesh the constraints refer to;
-  None keeps the current one (inside a shard_map body, whose manual axes `rules` must not name:
-  see `without_axes`).
+  Enter it inside the traced function. `mesh` sets the abstract mesh the constraints refer to
+  (and the mesh per-device kernels run on, `current_mesh`); None keeps the current one (inside a
+  shard_map body, whose manual axes `rules` must not name: see `without_axes`). `vmapped_axes`:
+  mesh axes that a surrounding `vmap(spmd_axis_name=...)` already maps (nested shard_maps must
+  not name them either).
   """
   with contextlib.ExitStack() as stack:
     if mesh is not None:
       stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+      token = _MESH.set(mesh)
+      stack.callback(_MESH.reset, token)
+    token = _VMAPPED.set(tuple(vmapped_axes))
+    stack.callback(_VMAPPED.reset, token)
     stack.enter_context(nn.logical_axis_rules(normalize_rules(rules)))
     yield
+
+
+def vmapped_axes() -> tuple[str, ...]:
+  """The mesh axes a surrounding spmd vmap maps (see `activation_rules`)."""
+  return _VMAPPED.get()
+
+
+def current_mesh() -> Mesh | jax.sharding.AbstractMesh | None:
+  """The mesh a nested shard_map should use: the context's abstract mesh inside a manual region,
+  else the concrete mesh `activation_rules` was given; None outside both."""
+  ctx = jax.sharding.get_abstract_mesh()
+  if not ctx.empty and any(t == jax.sharding.AxisType.Manual for t in ctx.axis_types):
+    return ctx
+  mesh = _MESH.get()
+  if mesh is not None and (ctx.empty or ctx == mesh.abstract_mesh):
+    return mesh
+  return None if ctx.empty else ctx

@@ -22,11 +22,20 @@ from dualjax.errors import ConfigError
 State = dict[str, Any]
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes."""
-  axes = model_lib.logical_axes(config_lib.model_config(cfg))
+def make_optimizer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+                   ) -> optax.GradientTransformation:
+  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes.
+
+  On a mesh whose devices all hold the parameters whole (no fsdp/tensor sharding), Muon's
+  Newton-Schulz is divided among the devices (`optim.sharded_ns`, if `optim.sharded_ns`); on
+  fsdp/tensor meshes it runs on the sharded matrices, which divides it too.
+  """
+  mc = config_lib.model_config(cfg)
+  whole = mesh is not None and mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
   try:
-    return optim.make_optimizer_from_config(cfg.optim, axes, total_steps=cfg.train.steps)
+    return optim.make_optimizer_from_config(
+        cfg.optim, model_lib.logical_axes(mc), total_steps=cfg.train.steps,
+        logical_shapes=model_lib.logical_shapes(mc), mesh=mesh if whole else None)
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
 
@@ -68,7 +77,7 @@ class StateSpec:
 def state_spec(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StateSpec:
   """The state's structure, shardings and initial value for a run config on `mesh`."""
   mc = config_lib.model_config(cfg)
-  optimizer = make_optimizer(cfg)
+  optimizer = make_optimizer(cfg, mesh)
   init = init_state_fn(cfg.seed, mc, optimizer)
   shardings = sharding.state_shardings(model_lib.logical_axes(mc), model_lib.abstract_params(mc),
                                        optimizer, mesh, config_lib.rules(cfg))

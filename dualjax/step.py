@@ -173,7 +173,7 @@ def make_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: 
       micro = jax.tree.map(lambda x: x.swapaxes(0, 1), jax.vmap(
           lambda b: cell_rows(b, M))(per_replica))  # [M, R, rows, ...]
       zeros = jax.tree.map(lambda p: jnp.zeros((R,) + p.shape, p.dtype), params)
-      with sharding.activation_rules(mesh, inner_rules):
+      with sharding.activation_rules(mesh, inner_rules, vmapped_axes=("replica",)):
         grads_R, ar_sum, mdm_sum = accumulate(params, micro, split, replicas(ar_vg, key),
                                               replicas(mdm_vg, key), zeros)
       return finish(jax.tree.map(lambda g: g.sum(0) / R, grads_R), ar_sum, mdm_sum)

@@ -36,7 +36,7 @@ EVAL_DIR = "eval"
 # them that may change on a resume (where data comes from, how the model is executed).
 RUN_IDENTITY = ("seed", "model", "data", "objective", "optim", "train")
 NOT_IDENTITY = ("data.prepared_dir", "data.num_workers", "model.attention_impl", "model.remat",
-                "model.scan_layers")
+                "model.scan_layers", "model.head_chunk")
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

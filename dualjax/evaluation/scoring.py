@@ -37,6 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import objectives
+from dualjax import sharding
 from dualjax.evaluation import packing
 from dualjax.special_tokens import BOS as BOS_ID, MASK as MASK_ID
 
@@ -193,6 +194,31 @@ def attention_kind(kind: str) -> str:
   return {"ar": "causal", "prefix": "flags", "pll": "bidirectional", "mc": "bidirectional"}[kind]
 
 
+def logprob_fn(cfg: Any, attn: str, apply_fn: ApplyFn | None = None, mesh: Mesh | None = None
+               ) -> Callable[..., jax.Array]:
+  """`fn(params, tokens_BxL, seg_BxL, bidir_BxL, tgt_BxL) -> log p(target) [B, L]` for rows of
+  one attention kind ('causal', 'bidirectional' or 'flags'); what a Scorer jits. `mesh`: the
+  mesh the rows are sharded over (per-device attention kernels run on it)."""
+  apply_fn = apply_fn or model_lib.apply
+
+  def score(params, tokens_BxL, seg_BxL, bidir_BxL, tgt_BxL):
+    with sharding.activation_rules(mesh, ()):
+      if attn == "flags":
+        logits_BxLxV = apply_fn(params, tokens_BxL, seg_BxL, cfg=cfg, mode="causal",
+                                bidir_BxL=bidir_BxL)
+      else:
+        logits_BxLxV = apply_fn(params, tokens_BxL, seg_BxL, cfg=cfg, mode=attn)
+    ce_BxL, _ = objectives.token_losses(logits_BxLxV, tgt_BxL)
+    return -ce_BxL
+  return score
+
+
+def rows_per_batch(batch_tokens: int, row_len: int, num_devices: int) -> int:
+  """Rows per scoring call: batch_tokens // row_len, rounded down to a multiple of the devices
+  (at least one row per device)."""
+  return max(1, batch_tokens // row_len // num_devices) * num_devices
+
+
 class Scorer:
   """Scores requests in any mode with fixed-shape packed batches, rows sharded over a mesh.
 
@@ -237,23 +263,13 @@ class Scorer:
 
   def _fn(self, attn: str) -> Any:
     if attn not in self._fns:
-      apply_fn, cfg = self.apply_fn, self.cfg
-
-      def score(params, tokens_BxL, seg_BxL, bidir_BxL, tgt_BxL):
-        if attn == "flags":
-          logits_BxLxV = apply_fn(params, tokens_BxL, seg_BxL, cfg=cfg, mode="causal",
-                                  bidir_BxL=bidir_BxL)
-        else:
-          logits_BxLxV = apply_fn(params, tokens_BxL, seg_BxL, cfg=cfg, mode=attn)
-        ce_BxL, _ = objectives.token_losses(logits_BxLxV, tgt_BxL)
-        return -ce_BxL
-
       d = self.data_sharding
-      self._fns[attn] = jax.jit(score, in_shardings=(None, d, d, d, d), out_shardings=d)
+      self._fns[attn] = jax.jit(logprob_fn(self.cfg, attn, self.apply_fn, self.mesh),
+                                in_shardings=(None, d, d, d, d), out_shardings=d)
     return self._fns[attn]
 
   def rows_per_batch(self, row_len: int) -> int:
-    return max(1, self.batch_tokens // row_len // self.n_dev) * self.n_dev
+    return rows_per_batch(self.batch_tokens, row_len, self.n_dev)
 
   def score(self, requests: Sequence[Request], mode: str, *, mc_grid_size: int = 32,
             mc_seed: int = 0) -> np.ndarray:

@@ -1,0 +1,107 @@
+"""Ahead-of-time compilation for targets this machine does not have (TPU through libtpu, GPU
+nodes as CPU devices): memory against the budget, collectives, FLOPs, and the CLI's verdicts."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from dualjax import compile as compile_lib
+from dualjax import config_lib
+from dualjax import flops as flops_lib
+from dualjax.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _small(**overrides):
+  """The tiny preset with 'auto' attention (Splash on a TPU target) and rows of 128."""
+  cfg = config_lib.rep_config(32, "tiny")  # lam = 1/2
+  cfg.model.attention_impl = "auto"
+  cfg.data.global_batch = 16
+  for k, v in overrides.items():
+    section, name = k.split(".")
+    cfg[section][name] = v
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def v5p():
+  return compile_lib.parse_target("v5p:2x2x1")
+
+
+def test_tpu_train_step_compiles_with_splash_and_one_reduction(v5p):
+  plan = compile_lib.build(_small(), v5p)
+  assert len(v5p.devices) == 4 and v5p.platform == "tpu"
+  assert plan.split.program == "device" and plan.cfg.model.attention_impl == "splash"
+  train = plan.functions[0]
+  text = train.compiled.as_text()
+  assert "tpu_custom_call" in text  # the Splash kernel, inside its shard_map
+  mem = train.memory
+  assert 0 < mem["params"] < mem["total"] < compile_lib.BUDGET * v5p.hbm_bytes and plan.fits()
+  coll = train.collectives()
+  param_bytes = mem["params"]  # replicated: each device holds all of them
+  # One all-reduce of the gradients (plus a few scalars) and the all-gather of Muon's
+  # orthogonalised matrices (Newton-Schulz divided among the 4 chips); nothing else.
+  assert set(coll) == {"all-reduce", "all-gather"}, coll
+  assert param_bytes <= coll["all-reduce"]["bytes"] <= param_bytes + 64, coll
+  assert coll["all-reduce"]["count"] == 1 and coll["all-gather"]["bytes"] < param_bytes, coll
+  assert {c.name for c in plan.functions} == {"train step", "validation", "evaluation (causal)",
+                                              "evaluation (flags)", "evaluation (bidirectional)"}
+  assert "fits" in compile_lib.report(plan) and "DOES NOT FIT" not in compile_lib.report(plan)
+
+
+def test_analytic_flops_match_an_unrolled_compile():
+  cal = compile_lib.calibrate_flops(_small())
+  # XLA counts the same matmuls plus norms, softmax and the loss: a few percent more.
+  assert 1.0 <= cal["layer_ratio"] < 1.08 and 1.0 <= cal["rest_ratio"] < 1.08, cal
+  mc = config_lib.model_config(_small())
+  per_token = flops_lib.train_flops_per_token(mc, 128, 0.5)
+  assert per_token == 3 * (2 * flops_lib.matmul_params(mc)
+                           + flops_lib.attention_flops_per_token(mc, 128, 0.5))
+  assert flops_lib.attention_flops_per_token(mc, 128, 1.0) == \
+      0.5 * flops_lib.attention_flops_per_token(mc, 128, 0.0)
+
+
+def _cli(*args: str, devices: int = 8) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "dualjax.compile", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_cli_fits_and_refuses():
+  """A small run fits 8xH100 (CPU estimate); a huge batch does not: one line naming the fix."""
+  base = [f"--config={REPO / 'configs' / 'rep32.py'}:tiny", "--topology=8xH100", "--nocalibrate"]
+  r = _cli(*base, "--functions=train,validation")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "ESTIMATE" in r.stdout and re.search(r"train step .* -> fits", r.stdout), r.stdout
+  r = _cli(*base, "--functions=train", "--config.data.global_batch=1048576")
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+  assert re.match(r"error: train step needs [\d.]+ GB of 85\.90 GB per device \(budget 85%\); "
+                  r"try --config\.mesh\.max_device_rows=\d+ or --config\.model\.remat=full, or "
+                  r"--fit$", lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology=v3:2x2"], "--topology=v3:2x2: unknown"),
+    (["--topology=v5p:2x2x1", "--config.mesh.replica=3"], "mesh: replica*fsdp*tensor = 3 but "
+                                                           "there are 4 devices"),
+    (["--topology=64xH200"], "--topology=64xH200: needs 64 CPU devices"),
+])
+def test_bad_targets_one_line(args, message):
+  r = _cli(f"--config={REPO / 'configs' / 'rep32.py'}:tiny", "--nocalibrate", *args)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+
+
+def test_unknown_topology_is_a_config_error():
+  with pytest.raises(ConfigError, match="unknown; use GEN"):
+    compile_lib.parse_target("tpu9000")
+  assert jax.device_count() == 8
