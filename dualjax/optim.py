@@ -92,7 +92,7 @@ def sharded_ns(mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bf
                ) -> NsFn | None:
   """Newton-Schulz of a replicated [K, m, n] stack divided among every device of `mesh`: each
   device orthogonalises its K/n matrices (K padded with zero matrices, NS(0) = 0), then one
-  all-gather of the results (DESIGN.md §4). None on one device."""
+  all-gather of the results in the NS dtype (DESIGN.md §4). None on one device."""
   if mesh is None or mesh.size == 1:
     return None
   axes = tuple(mesh.axis_names)
@@ -104,8 +104,9 @@ def sharded_ns(mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bf
     stack = jnp.concatenate([stack, jnp.zeros((k * n - K,) + stack.shape[1:], stack.dtype)])
     i = jax.lax.axis_index(axes)
     mine = jax.lax.dynamic_slice_in_dim(stack, i * k, k, axis=0)
-    out = jax.lax.all_gather(newton_schulz(mine, steps, eps, dtype), axes, axis=0, tiled=True)
-    return out[:K]
+    # NS ends in `dtype` (bf16): gathering that is exact and half the bytes of fp32.
+    o = newton_schulz(mine, steps, eps, dtype).astype(dtype)
+    return jax.lax.all_gather(o, axes, axis=0, tiled=True)[:K].astype(jnp.float32)
 
   return jax.shard_map(local, mesh=mesh, in_specs=jax.sharding.PartitionSpec(),
                        out_specs=jax.sharding.PartitionSpec(), check_vma=False)

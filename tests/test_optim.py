@@ -299,10 +299,12 @@ def test_newton_schulz_is_divided_among_devices():
     text[name] = compiled.as_text()
   assert flops["divided"] < 0.25 * flops["replicated"], flops
   # gathered: 8 [16, 16] matrices (q, k, v, o of 2 layers) and 6 [16, 24] (up, gate, down^T)
-  # padded to 8, in fp32 -- the orthogonalised matrices once, nothing else
+  # padded to 8 -- the orthogonalised matrices once, nothing else; in bf16, NS's dtype, which
+  # XLA:CPU widens to fp32 for the collective (the TPU compile in test_compile checks bf16)
   coll = hlo.collective_stats(text["divided"])
   assert set(coll) == {"all-gather"}, coll
   assert coll["all-gather"]["bytes"] == 4 * (8 * 16 * 16 + 8 * 16 * 24), coll
   assert hlo.collective_stats(text["replicated"]) == {}
   for a, b in zip(jax.tree.leaves(out["divided"]), jax.tree.leaves(out["replicated"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # NS runs in bf16 either way; the divided result is rounded to bf16 once more for the gather
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=8e-3, atol=1e-5)
