@@ -116,6 +116,12 @@ def check_prompts(segment_ids_BxP: Any, max_new_tokens: int, max_seq_len: int) -
                           f"{max_new_tokens} that exceeds the model's max_seq_len={max_seq_len}")
 
 
+def _check_shapes(tokens_BxP: Any, segment_ids_BxP: Any) -> None:
+  if np.ndim(tokens_BxP) != 2 or np.shape(tokens_BxP) != np.shape(segment_ids_BxP):
+    raise GenerateError(f"tokens and segment_ids must both be [batch, length], got shapes "
+                        f"{np.shape(tokens_BxP)} and {np.shape(segment_ids_BxP)}")
+
+
 def _check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -127,7 +133,7 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens
     raise GenerateError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
-def _row_layout(segment_ids_BxP: jax.Array):
+def row_layout(segment_ids_BxP: jax.Array):
   """(real_BxP, n_B, start_B, end_B, positions_BxP) of contiguous prompt rows."""
   real = segment_ids_BxP != 0
   P = real.shape[1]
@@ -161,10 +167,18 @@ def filter_logits(logits_BxV: jax.Array, temperature: Any, top_k: Any, top_p: An
 
 def sample_logits(key: jax.Array, logits_BxV: jax.Array, temperature: Any, top_k: Any,
                   top_p: Any) -> jax.Array:
-  """int32[B]: argmax if temperature == 0, else a draw from `filter_logits`."""
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
-  drawn_B = jax.random.categorical(key, filter_logits(logits_BxV, temperature, top_k, top_p))
-  return jnp.where(jnp.asarray(temperature) > 0, drawn_B, greedy_B).astype(jnp.int32)
+  """int32[B]: argmax if temperature == 0, else a draw from `filter_logits` (whose sort runs only
+  when top-k or top-p is on: XLA's CPU sort is slow)."""
+  temperature = jnp.asarray(temperature, jnp.float32)
+
+  def draw(x_BxV):
+    x_BxV = jax.lax.cond((top_k > 0) | (top_p < 1),
+                         lambda x: filter_logits(x, temperature, top_k, top_p),
+                         lambda x: x.astype(jnp.float32) / temperature, x_BxV)
+    return jax.random.categorical(key, x_BxV).astype(jnp.int32)
+
+  return jax.lax.cond(temperature > 0, draw,
+                      lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits_BxV)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,8 +260,8 @@ def _gather_rows(x_BxLxD: jax.Array, idx_B: jax.Array) -> jax.Array:
 class Generated:
   """tokens_BxN (pad after a stop), lengths_B (tokens produced, incl. the stop token), stopped_B
   (a stop id ended the row); AR with return_logits: logits_BxNxV (what each token was drawn
-  from); diffusion: sequence_BxL (prompt + tokens, padding after) and step_BxN (the step that
-  committed each token)."""
+  from); diffusion: sequence_BxL (each row's prompt moved to the left, its tokens, then padding;
+  L = min(P + N, max_seq_len)) and step_BxN (the step that committed each token)."""
   tokens: jax.Array
   lengths: jax.Array
   stopped: jax.Array
@@ -267,7 +281,7 @@ def _ar(params, tokens_BxP, seg_BxP, key, temperature, top_k, top_p, stop_S, pad
         max_new_tokens, use_cache, return_logits):
   B, P = tokens_BxP.shape
   N, T = max_new_tokens, tokens_BxP.shape[1] + max_new_tokens
-  real, n_B, _, end_B, pos_BxP = _row_layout(seg_BxP)
+  real, n_B, _, end_B, pos_BxP = row_layout(seg_BxP)
   if use_cache:
     state = init_cache(cfg, B, T)
     h, state = forward_cached(params, state, tokens_BxP, pos_BxP,
@@ -329,7 +343,12 @@ def generate_ar(params: model_lib.Params, cfg: model_lib.ModelConfig, tokens_BxP
   return_logits); the sampling settings, stop ids' values and the key are traced.
   """
   _check_sampling(temperature, top_k, top_p, max_new_tokens)
+  _check_shapes(tokens_BxP, segment_ids_BxP)
   check_prompts(segment_ids_BxP, max_new_tokens, cfg.max_seq_len)
+  if not use_cache and np.shape(tokens_BxP)[1] + max_new_tokens > cfg.max_seq_len:
+    raise GenerateError(f"use_cache=False recomputes a buffer of prompt length "
+                        f"{np.shape(tokens_BxP)[1]} + max_new_tokens={max_new_tokens}, more than "
+                        f"max_seq_len={cfg.max_seq_len}")
   out = _ar(params, jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(segment_ids_BxP, jnp.int32),
             key, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
             _stop_ids(stop_ids), jnp.int32(pad_id), cfg=cfg, max_new_tokens=int(max_new_tokens),
@@ -367,8 +386,8 @@ def diffusion_schedule(length: int, steps: int, block_size: int = 0
 def _diffusion(params, tokens_BxP, seg_BxP, key, temperature, top_k, top_p, mask_id,
                suppress_K, pad_id, *, cfg, max_new_tokens, block_size, schedule, order):
   B, P = tokens_BxP.shape
-  N, L = max_new_tokens, tokens_BxP.shape[1] + max_new_tokens
-  _, n_B, start_B, _, _ = _row_layout(seg_BxP)
+  N, L = max_new_tokens, min(P + max_new_tokens, cfg.max_seq_len)  # rows are moved to the left
+  _, n_B, start_B, _, _ = row_layout(seg_BxP)
   j_L = jnp.arange(L)
   prompt_BxL = jnp.take_along_axis(tokens_BxP, jnp.clip(start_B[:, None] + j_L, 0, P - 1), axis=1)
   in_prompt_BxL = j_L < n_B[:, None]
@@ -424,6 +443,7 @@ def generate_diffusion(params: model_lib.Params, cfg: model_lib.ModelConfig, tok
     raise GenerateError(f"order must be one of {ORDERS}, got {order!r}")
   steps = max_new_tokens if steps is None else steps
   schedule = diffusion_schedule(max_new_tokens, steps, block_size)
+  _check_shapes(tokens_BxP, segment_ids_BxP)
   check_prompts(segment_ids_BxP, max_new_tokens, cfg.max_seq_len)
   suppress = jnp.asarray(sorted({int(mask_id), *map(int, never_sample)}), jnp.int32)
   seq, tokens, step = _diffusion(

@@ -87,7 +87,8 @@ class DualjaxLM(LM):
     self.model = model or trained_lib.load(workdir, step=_as_int(step, "step"))
     self.cfg, self.tok = self.model.model_cfg, self.model.tokenizer
     self.bos_id, self.mask_id = scoring.special_ids(self.tok)
-    self.batch_size = max(1, _as_int(batch_size if batch_size != "auto" else 8, "batch_size"))
+    auto = isinstance(batch_size, str) and batch_size.startswith("auto")  # lm-eval's "auto[:N]"
+    self.batch_size = max(1, _as_int(8 if auto else batch_size, "batch_size"))
     self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks")
     self.seed = _as_int(seed, "seed")
     kw = {"row_len": _as_int(row_len, "row_len"), "batch_tokens": _as_int(batch_tokens,
@@ -276,9 +277,10 @@ def suite_task_dict(examples: dict[str, Sequence[tasks_lib.Example]]) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """lm-eval's command line with the "dualjax" model registered."""
+  """lm-eval's command line (`argv`, default sys.argv[1:]) with the "dualjax" model registered."""
   from lm_eval import __main__ as lm_eval_main  # pylint: disable=import-outside-toplevel
-  sys.argv = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
+  if argv is not None:
+    sys.argv = [sys.argv[0], *argv]  # lm-eval's CLI reads sys.argv
   lm_eval_main.cli_evaluate()
 
 

@@ -1,6 +1,7 @@
 """Generation: KV-cache decoding against full recomputation, sampling filters against NumPy,
 masked diffusion against a naive NumPy re-implementation, and the CLI."""
 
+import dataclasses
 import functools
 import json
 
@@ -115,11 +116,23 @@ def test_kv_cache_equals_full_recomputation(tiny, side):
   np.testing.assert_allclose(np.asarray(again.logits), got_logits, atol=1e-4)
 
 
+def test_kv_cache_bfloat16(tiny):
+  cfg, params = tiny
+  cfg = dataclasses.replace(cfg, compute_dtype="bfloat16")
+  out = generate.generate_ar(params, cfg, *generate.pad_prompts(PROMPTS, length=11),
+                             key=jax.random.key(0), max_new_tokens=8, return_logits=True)
+  for b, prompt in enumerate(PROMPTS):
+    seq = list(prompt) + np.asarray(out.tokens[b]).tolist()
+    ref = full_logits(cfg, params, seq[:-1])[len(prompt) - 1:]
+    np.testing.assert_allclose(np.asarray(out.logits[b]), ref, atol=1e-2)
+    assert (ref.argmax(-1) == np.asarray(out.tokens[b])).all()
+
+
 def test_prompt_positions_start_at_zero():
   """Wherever padding puts a prompt, its tokens get positions 0..n-1 (as in training)."""
   for side in ("left", "right"):
     _, seg = generate.pad_prompts(PROMPTS, side=side, length=12)
-    real, n, start, end, pos = (np.asarray(x) for x in generate._row_layout(jnp.asarray(seg)))
+    real, n, start, end, pos = (np.asarray(x) for x in generate.row_layout(jnp.asarray(seg)))
     for b, prompt in enumerate(PROMPTS):
       assert pos[b][real[b]].tolist() == list(range(len(prompt)))
       assert n[b] == len(prompt) and end[b] - start[b] == len(prompt)
@@ -182,6 +195,9 @@ def test_bad_prompts(tiny):
   with pytest.raises(generate.GenerateError, match="exceeds the model's max_seq_len=128"):
     generate.generate_ar(params, cfg, *generate.pad_prompts([[1] * 100]), key=jax.random.key(0),
                          max_new_tokens=29)
+  with pytest.raises(generate.GenerateError, match="use_cache=False recomputes a buffer"):
+    generate.generate_ar(params, cfg, *generate.pad_prompts([[1]], length=120),
+                         key=jax.random.key(0), max_new_tokens=9, use_cache=False)
   with pytest.raises(generate.GenerateError, match="top_p must be in"):
     generate.generate_ar(params, cfg, *generate.pad_prompts([[1]]), key=jax.random.key(0),
                          max_new_tokens=2, top_p=0.0)
@@ -254,6 +270,16 @@ def test_diffusion_fills_every_mask_keeps_prompt_and_is_deterministic(tiny):
     np.testing.assert_array_equal(np.asarray(again.tokens), toks)
     np.testing.assert_array_equal(np.asarray(again.step), step)
     assert (np.asarray(run(5, order).tokens) != toks).any()
+
+
+def test_diffusion_long_padding(tiny):
+  """Padding to P with P + N > max_seq_len: rows move left, the canvas is max_seq_len long."""
+  cfg, params = tiny
+  kw = dict(key=jax.random.key(0), max_new_tokens=20, steps=4)
+  long = generate.generate_diffusion(params, cfg, *generate.pad_prompts(PROMPTS, length=120), **kw)
+  short = generate.generate_diffusion(params, cfg, *generate.pad_prompts(PROMPTS), **kw)
+  assert long.sequence.shape == (len(PROMPTS), cfg.max_seq_len)
+  np.testing.assert_array_equal(np.asarray(long.tokens), np.asarray(short.tokens))
 
 
 def test_diffusion_stop_ids(tiny):

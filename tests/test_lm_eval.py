@@ -9,8 +9,10 @@ DUALJAX_LM_EVAL_LIMIT=N runs it on N items per task (default 10).
 """
 
 import functools
+import json
 import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +84,7 @@ def test_loglikelihood_equals_naive(setup):
   pairs = [("Question: What is heavy?\nAnswer:", " a rock"), ("", "The cat sat."),
            ("In the beginning", " God created"), ("Question: What is heavy?\nAnswer:", " a rock"),
            ("A" * 300, " and so on")]  # long context: the oldest tokens are dropped
+  assert len(tok.encode(pairs[-1][0])) > cfg.max_seq_len
   got = lm.loglikelihood(_instances("loglikelihood", pairs))
   for (ctx, cont), (ll, greedy) in zip(pairs, got):
     r = scoring.fit(scoring.split_encode(tok, ctx, cont), cfg.max_seq_len)
@@ -137,9 +140,10 @@ def naive_greedy(cfg, params, prompt, n, eos):
 def test_generate_until(setup):
   _, _, cfg, params, tok, lm = setup
   ctxs = ["Question: What is heavy?\nAnswer:", "The", "x" * 400]
+  assert len(tok.encode(ctxs[2])) > cfg.max_seq_len  # the oldest context tokens are dropped
   reqs = [(ctxs[0], {"until": ["\n\n"], "max_gen_toks": 6}),
-          (ctxs[1], {"until": ["Q"], "max_gen_toks": 9, "do_sample": False}),
-          (ctxs[2], {"until": [], "max_gen_toks": 4})]
+          (ctxs[1], {"until": ["Q"], "max_gen_toks": 6, "do_sample": False}),
+          (ctxs[2], {"until": [], "max_gen_toks": 6})]
   got = lm.generate_until(_instances("generate_until", reqs))
   for (ctx, kw), text in zip(reqs, got):
     ids = tok.encode(ctx)[-(cfg.max_seq_len - kw["max_gen_toks"] - 1):]
@@ -159,17 +163,51 @@ def test_generate_until(setup):
   assert a == lm.generate_until(_instances("generate_until", [(ctxs[0], kw)] * 3))
 
 
-def test_registry_and_workdir(setup):
+@pytest.fixture(scope="module")
+def workdir(setup):
   d, sp, cfg, params, _, _ = setup
   convert.write_workdir(params, cfg, sp, d / "work", step=7)
+  return d / "work"
+
+
+def test_registry_and_workdir(setup, workdir):
+  cfg = setup[2]
   cls = get_model("dualjax")
   assert cls is lm_eval_adapter.DualjaxLM
   assert "hf" in model_registry  # lm-eval's own models are still registered
-  lm = cls.create_from_arg_string(f"workdir={d / 'work'},batch_size=2",
+  lm = cls.create_from_arg_string(f"workdir={workdir},batch_size=2",
                                   {"device": "cpu", "batch_size": None})
   assert lm.model.step == 7 and lm.batch_size == 2 and lm.max_length == cfg.max_seq_len
   with pytest.raises(ValueError, match="needs workdir=DIR"):
     cls()
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line(setup, workdir, tmp_path, monkeypatch, capsys):
+  """lm-eval's own CLI (`run --model dualjax`) on a local YAML task over a JSONL file."""
+  lm = setup[-1]
+  items = [{"question": "What is heavy?", "choices": ["a rock", "a feather"], "gold": 1},
+           {"question": "Who made it?", "choices": ["God", "a cat", "the hacker"], "gold": 2},
+           {"question": "Why?", "choices": ["no", "yes"], "gold": 0}]
+  (tmp_path / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+  (tmp_path / "local_mc.yaml").write_text(
+      "task: local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+      f"    test: {tmp_path / 'items.jsonl'}\n  cache_dir: {tmp_path / 'cache'}\n"
+      "output_type: multiple_choice\ntest_split: test\n"
+      "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_target: \"{{gold}}\"\n"
+      "doc_to_choice: \"{{choices}}\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+      "    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+  monkeypatch.setattr(sys, "argv", ["lm_eval"])
+  lm_eval_adapter.main(["run", "--model", "dualjax", "--model_args", f"workdir={workdir}",
+                        "--tasks", "local_mc", "--include_path", str(tmp_path)])
+  row = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("|local_mc"))
+  acc = float(row.split("|")[7])
+  want = []
+  for x in items:
+    lls = [ll for ll, _ in lm.loglikelihood(_instances("loglikelihood", [
+        (f"Question: {x['question']}\nAnswer:", " " + c) for c in x["choices"]]))]
+    want.append(float(np.argmax(lls) == x["gold"]))
+  assert acc == pytest.approx(np.mean(want), abs=1e-4)
 
 
 # ----- lm-eval's accuracy against the suite's -----------------------------------------------------
