@@ -51,14 +51,13 @@ def main():
   for B in pre["batches"]:
     prompts = [[1] + rng.integers(16, cfg.vocab_size, P - 1).tolist() for _ in range(B)]
     tokens, seg = generate.pad_prompts(prompts)
-    key = jax.random.key(0)
-    runs = {"ar_cached": lambda: generate.generate_ar(params, cfg, tokens, seg, key=key,
-                                                      max_new_tokens=N, temperature=args.temperature)}
+    kw = dict(key=jax.random.key(0), max_new_tokens=N, temperature=args.temperature)
+    runs = {"ar_cached": lambda: generate.generate_ar(params, cfg, tokens, seg, **kw)}
     if not args.no_uncached:
-      runs["ar_uncached"] = lambda: generate.generate_ar(
-          params, cfg, tokens, seg, key=key, max_new_tokens=N, temperature=args.temperature, use_cache=False)
-    runs["diffusion"] = lambda: generate.generate_diffusion(
-        params, cfg, tokens, seg, key=key, max_new_tokens=N, steps=N, temperature=args.temperature)
+      runs["ar_uncached"] = lambda: generate.generate_ar(params, cfg, tokens, seg,
+                                                         use_cache=False, **kw)
+    runs["diffusion"] = lambda: generate.generate_diffusion(params, cfg, tokens, seg, steps=N,
+                                                            **kw)
     for name, fn in runs.items():
       secs = timed(fn, args.repeats)
       print(f"  batch {B:3d}  {name:12s} {B * N / secs:10.0f} new tokens/s  "

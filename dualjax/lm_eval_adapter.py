@@ -15,7 +15,9 @@ DualjaxLM (the AR mode, causal attention):
   requests and code as `dualjax.evaluation.suite`'s AR mode (an empty context is just `<s>`,
   lm-eval's prefix token). is_greedy (lm-eval: every continuation token is the argmax, first index
   on ties) is a second pass of the same Scorer over the one-hot argmax distribution: its
-  log-likelihood is 0 exactly when the continuation is the greedy one.
+  log-likelihood is 0 exactly when the continuation is the greedy one. `greedy=False` (a model
+  arg) skips that pass, half the time, and reports is_greedy False: only for tasks that do not
+  use it (multiple-choice acc / acc_norm do not).
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows
   (`lm_eval.utils.get_rolling_token_windows`, max_seq_len - 2 tokens per window so that `<s>` +
   window fits the Scorer); every window starts with `<s>` like every dualjax scoring sequence.
@@ -26,15 +28,16 @@ DualjaxLM (the AR mode, causal attention):
   a power-of-two length.
 """
 
+import logging
 import math
-import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import datasets
 import jax
 import jax.numpy as jnp
-import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only if empty)
+# lm-eval's own models first: its registry imports them only while it is empty.
+import lm_eval.models  # noqa: F401
 import lm_eval.utils
 import numpy as np
 from lm_eval.api.group import Group
@@ -78,12 +81,14 @@ class DualjaxLM(LM):
   def __init__(self, workdir: str | None = None, step: int | str | None = None, *,
                model: trained_lib.Trained | None = None, row_len: int = 512,
                batch_tokens: int = 16384, batch_size: int | str = 8, max_gen_toks: int = 256,
-               seed: int = 0, **unused: Any):
+               seed: int = 0, greedy: bool | str = True, **unused: Any):
     super().__init__()
     if (workdir is None) == (model is None):
       raise ValueError("DualjaxLM needs workdir=DIR (model_args) or model=trained.load(DIR)")
-    # lm-eval passes its own settings (device, max_batch_size, ...); JAX picks its devices.
-    self.unused = unused
+    # lm-eval passes its own settings (device, max_batch_size); JAX picks its devices.
+    unknown = sorted(set(unused) - {"device", "max_batch_size"})
+    if unknown:
+      logging.getLogger(__name__).warning("DualjaxLM ignores model_args %s", ", ".join(unknown))
     self.model = model or trained_lib.load(workdir, step=_as_int(step, "step"))
     self.cfg, self.tok = self.model.model_cfg, self.model.tokenizer
     self.bos_id, self.mask_id = scoring.special_ids(self.tok)
@@ -91,6 +96,7 @@ class DualjaxLM(LM):
     self.batch_size = max(1, _as_int(8 if auto else batch_size, "batch_size"))
     self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks")
     self.seed = _as_int(seed, "seed")
+    self.greedy = greedy not in (False, "False", "false", "0", 0)
     kw = {"row_len": _as_int(row_len, "row_len"), "batch_tokens": _as_int(batch_tokens,
                                                                           "batch_tokens"),
           "bos_id": self.bos_id, "mask_id": self.mask_id}
@@ -130,7 +136,8 @@ class DualjaxLM(LM):
         index[(ctx, cont)] = len(reqs)
         reqs.append(scoring.split_encode(self.tok, ctx, cont))
       which.append(index[(ctx, cont)])
-    ll, greedy = self.score_requests(reqs) if reqs else (np.zeros(0), np.zeros(0, bool))
+    ll, greedy = (self.score_requests(reqs, greedy=self.greedy) if reqs
+                  else (np.zeros(0), np.zeros(0, bool)))
     out = []
     for inst, i in zip(requests, which):
       answer = (float(ll[i]), bool(greedy[i]))

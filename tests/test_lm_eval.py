@@ -60,8 +60,8 @@ def logp(cfg, params, seq):
   tok[0, :len(seq)] = seq
   seg = (np.arange(L) < len(seq)).astype(np.int32)[None]
   x = np.asarray(_apply(params, tok, seg, cfg=cfg)[0, :len(seq)], np.float64)
-  return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1,
-                                                                                       keepdims=True))
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def naive_request(cfg, params, bos, ctx, comp):
@@ -141,26 +141,26 @@ def test_generate_until(setup):
   _, _, cfg, params, tok, lm = setup
   ctxs = ["Question: What is heavy?\nAnswer:", "The", "x" * 400]
   assert len(tok.encode(ctxs[2])) > cfg.max_seq_len  # the oldest context tokens are dropped
-  reqs = [(ctxs[0], {"until": ["\n\n"], "max_gen_toks": 6}),
-          (ctxs[1], {"until": ["Q"], "max_gen_toks": 6, "do_sample": False}),
-          (ctxs[2], {"until": [], "max_gen_toks": 6})]
+  n = 6
+  keep = cfg.max_seq_len - n - 1
+  want = [tok.decode(naive_greedy(cfg, params, [tok.bos_id, *tok.encode(c)[-keep:]], n,
+                                  tok.eos_id)) for c in ctxs]
+  assert len(want[0]) > 3
+  stop = want[0][1:3]  # an until string inside the greedy text
+  reqs = [(ctxs[0], {"until": ["\n\n"], "max_gen_toks": n}),
+          (ctxs[1], {"until": ["Q"], "max_gen_toks": n, "do_sample": False}),
+          (ctxs[2], {"until": [], "max_gen_toks": n}),
+          (ctxs[0], {"until": ["zzz", stop], "max_gen_toks": n})]
   got = lm.generate_until(_instances("generate_until", reqs))
-  for (ctx, kw), text in zip(reqs, got):
-    ids = tok.encode(ctx)[-(cfg.max_seq_len - kw["max_gen_toks"] - 1):]
-    want = tok.decode(naive_greedy(cfg, params, [tok.bos_id, *ids], kw["max_gen_toks"], tok.eos_id))
-    for u in kw["until"]:
-      want = want.split(u)[0]
-    assert text == want
-  # Cut at an until string that occurs in the greedy text.
-  full = got[0]
-  if len(full) > 2:
-    cut = lm.generate_until(_instances("generate_until", [(ctxs[0], {"until": [full[1:3]],
-                                                                     "max_gen_toks": 6})]))
-    assert cut == [full[:full.index(full[1:3])]]
-  # Sampling: deterministic for the adapter's seed.
-  kw = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0, "top_k": 50}
-  a = lm.generate_until(_instances("generate_until", [(ctxs[0], kw)] * 3))
-  assert a == lm.generate_until(_instances("generate_until", [(ctxs[0], kw)] * 3))
+  assert got == [want[0].split("\n\n")[0], want[1].split("Q")[0], want[2],
+                 want[0][:want[0].index(stop)]]
+  # Sampling (the same batch shape, hence the same compiled function): deterministic for the
+  # adapter's seed, and not the greedy text.
+  kw = {"until": [], "max_gen_toks": n, "do_sample": True, "temperature": 1.0, "top_k": 50}
+  sampled = [(c, kw) for c in (ctxs[2], ctxs[0], ctxs[1], ctxs[0])]
+  a = lm.generate_until(_instances("generate_until", sampled))
+  assert a == lm.generate_until(_instances("generate_until", sampled))
+  assert a != [want[2], want[0], want[1], want[0]]
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,14 @@ def test_registry_and_workdir(setup, workdir):
   cls = get_model("dualjax")
   assert cls is lm_eval_adapter.DualjaxLM
   assert "hf" in model_registry  # lm-eval's own models are still registered
-  lm = cls.create_from_arg_string(f"workdir={workdir},batch_size=2",
+  lm = cls.create_from_arg_string(f"workdir={workdir},batch_size=2,greedy=False",
                                   {"device": "cpu", "batch_size": None})
   assert lm.model.step == 7 and lm.batch_size == 2 and lm.max_length == cfg.max_seq_len
+  pairs = [("The", " cat"), ("", "A dog.")]
+  got = lm.loglikelihood(_instances("loglikelihood", pairs))
+  want = setup[-1].loglikelihood(_instances("loglikelihood", pairs))
+  assert [g[1] for g in got] == [False, False]
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-6)
   with pytest.raises(ValueError, match="needs workdir=DIR"):
     cls()
 
