@@ -271,8 +271,9 @@ class Generated:
 
 
 def _stop_ids(stop_ids: Sequence[int]) -> jax.Array:
+  """The stop ids padded with -1 to a multiple of 8 (fewer compiled shapes)."""
   ids = [int(i) for i in stop_ids]
-  return jnp.asarray(ids or [-1], jnp.int32)
+  return jnp.asarray(ids + [-1] * (-len(ids) % 8 or (0 if ids else 8)), jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "use_cache",

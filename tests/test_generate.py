@@ -94,24 +94,28 @@ def test_sampling_frequencies_and_greedy():
 # ----- autoregressive decoding --------------------------------------------------------------------
 
 
+def ar(tiny, prompts=PROMPTS, side="left", key=0, **kw):
+  """generate_ar in one compiled shape per batch size: prompts padded to 11, 12 new tokens."""
+  cfg, params = tiny
+  return generate.generate_ar(params, cfg, *generate.pad_prompts(prompts, side=side, length=11),
+                              key=jax.random.key(key), max_new_tokens=12, return_logits=True,
+                              pad_id=PAD, **kw)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_kv_cache_equals_full_recomputation(tiny, side):
   """Each row of a padded batch, token by token, against model.apply on its unpadded prefix."""
   cfg, params = tiny
-  tokens, seg = generate.pad_prompts(PROMPTS, side=side, length=11)
-  N = 12
-  out = generate.generate_ar(params, cfg, tokens, seg, key=jax.random.key(0), max_new_tokens=N,
-                             return_logits=True)
+  out = ar(tiny, side=side)
   got_tokens, got_logits = np.asarray(out.tokens), np.asarray(out.logits)
-  assert np.asarray(out.lengths).tolist() == [N] * len(PROMPTS)
+  assert np.asarray(out.lengths).tolist() == [12] * len(PROMPTS)
   for b, prompt in enumerate(PROMPTS):
     seq = list(prompt) + got_tokens[b].tolist()
     ref = full_logits(cfg, params, seq[:-1])[len(prompt) - 1:]
     np.testing.assert_allclose(got_logits[b], ref, atol=1e-4, rtol=1e-4)
     assert (ref.argmax(-1) == got_tokens[b]).all()  # greedy tokens identical
   # The uncached path (model.apply over the whole buffer each step) agrees too.
-  again = generate.generate_ar(params, cfg, tokens, seg, key=jax.random.key(0),
-                               max_new_tokens=N, return_logits=True, use_cache=False)
+  again = ar(tiny, side=side, use_cache=False)
   np.testing.assert_array_equal(np.asarray(again.tokens), got_tokens)
   np.testing.assert_allclose(np.asarray(again.logits), got_logits, atol=1e-4)
 
@@ -119,8 +123,7 @@ def test_kv_cache_equals_full_recomputation(tiny, side):
 def test_kv_cache_bfloat16(tiny):
   cfg, params = tiny
   cfg = dataclasses.replace(cfg, compute_dtype="bfloat16")
-  out = generate.generate_ar(params, cfg, *generate.pad_prompts(PROMPTS, length=11),
-                             key=jax.random.key(0), max_new_tokens=8, return_logits=True)
+  out = ar((cfg, params))
   for b, prompt in enumerate(PROMPTS):
     seq = list(prompt) + np.asarray(out.tokens[b]).tolist()
     ref = full_logits(cfg, params, seq[:-1])[len(prompt) - 1:]
@@ -139,45 +142,29 @@ def test_prompt_positions_start_at_zero():
       assert end[b] == (12 if side == "left" else len(prompt))
 
 
-def test_left_and_right_padding_and_batch_agree(tiny):
-  cfg, params = tiny
-  kw = dict(key=jax.random.key(5), max_new_tokens=8, temperature=1.0, top_k=20)
-  left = generate.generate_ar(params, cfg, *generate.pad_prompts(PROMPTS, side="left"), **kw)
-  right = generate.generate_ar(params, cfg, *generate.pad_prompts(PROMPTS, side="right",
-                                                                  length=16), **kw)
-  np.testing.assert_array_equal(np.asarray(left.tokens), np.asarray(right.tokens))
-  alone = generate.generate_ar(params, cfg, *generate.pad_prompts(PROMPTS[2:3]),
-                               key=jax.random.key(5), max_new_tokens=8)
-  batch = generate.generate_ar(params, cfg, *generate.pad_prompts(PROMPTS),
-                               key=jax.random.key(5), max_new_tokens=8)
-  np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(batch.tokens)[2])
-
-
-def test_sampling_is_deterministic_and_top_k_1_is_greedy(tiny):
-  cfg, params = tiny
-  tokens, seg = generate.pad_prompts(PROMPTS)
-  run = lambda k, **kw: np.asarray(generate.generate_ar(
-      params, cfg, tokens, seg, key=jax.random.key(k), max_new_tokens=10, **kw).tokens)
-  a, b, c = run(1, temperature=1.0), run(1, temperature=1.0), run(2, temperature=1.0)
-  np.testing.assert_array_equal(a, b)
-  assert (a != c).any()
-  np.testing.assert_array_equal(run(1, temperature=1.5, top_k=1), run(7))
-  np.testing.assert_array_equal(run(1, temperature=1.0, top_p=1e-6), run(7))
+def test_sampling_padding_batch_and_key(tiny):
+  """Sampling is deterministic for a key, the same left- or right-padded; a row's greedy tokens
+  do not depend on the batch; top-k 1 and a tiny top-p are greedy."""
+  tokens = lambda **kw: np.asarray(ar(tiny, **kw).tokens)
+  sampled = tokens(key=5, temperature=1.0, top_k=20)
+  np.testing.assert_array_equal(sampled, tokens(key=5, temperature=1.0, top_k=20, side="right"))
+  assert (sampled != tokens(key=6, temperature=1.0, top_k=20)).any()
+  greedy = tokens()
+  assert (sampled != greedy).any()
+  np.testing.assert_array_equal(tokens(prompts=PROMPTS[2:3])[0], greedy[2])
+  np.testing.assert_array_equal(tokens(key=1, temperature=1.5, top_k=1), greedy)
+  np.testing.assert_array_equal(tokens(key=1, temperature=1.0, top_p=1e-6), greedy)
 
 
 def test_stop_tokens(tiny):
-  cfg, params = tiny
-  tokens, seg = generate.pad_prompts(PROMPTS)
-  free = np.asarray(generate.generate_ar(params, cfg, tokens, seg, key=jax.random.key(0),
-                                         max_new_tokens=10).tokens)
+  free = np.asarray(ar(tiny).tokens)
   stop = int(free[0, 3])
   first = [int(np.flatnonzero(r == stop)[0]) if stop in r else None for r in free]
-  out = generate.generate_ar(params, cfg, tokens, seg, key=jax.random.key(0), max_new_tokens=10,
-                             stop_ids=(stop, 9999), pad_id=PAD)
+  out = ar(tiny, stop_ids=(stop, 9999))
   got = np.asarray(out.tokens)
   for b, f in enumerate(first):
     if f is None:
-      assert not out.stopped[b] and out.lengths[b] == 10
+      assert not out.stopped[b] and out.lengths[b] == 12
       np.testing.assert_array_equal(got[b], free[b])
     else:
       assert out.stopped[b] and out.lengths[b] == f + 1
@@ -250,7 +237,7 @@ def test_diffusion_greedy_equals_naive(tiny, steps, block_size):
 def test_diffusion_fills_every_mask_keeps_prompt_and_is_deterministic(tiny):
   cfg, params = tiny
   n, steps, bs = 12, 8, 4
-  tokens, seg = generate.pad_prompts(PROMPTS, side="right", length=10)
+  tokens, seg = generate.pad_prompts(PROMPTS, side="right")
   run = lambda k, order: generate.generate_diffusion(
       params, cfg, tokens, seg, key=jax.random.key(k), max_new_tokens=n, steps=steps,
       block_size=bs, order=order, temperature=1.0, top_p=0.95)
@@ -284,13 +271,12 @@ def test_diffusion_long_padding(tiny):
 
 def test_diffusion_stop_ids(tiny):
   cfg, params = tiny
-  out = generate.generate_diffusion(params, cfg, *generate.pad_prompts(PROMPTS),
-                                    key=jax.random.key(0), max_new_tokens=6, steps=3)
+  kw = dict(key=jax.random.key(0), max_new_tokens=10, steps=6)  # as in the naive test
+  out = generate.generate_diffusion(params, cfg, *generate.pad_prompts(PROMPTS), **kw)
   toks = np.asarray(out.tokens)
   stop = int(toks[1, 2])
-  out2 = generate.generate_diffusion(params, cfg, *generate.pad_prompts(PROMPTS),
-                                     key=jax.random.key(0), max_new_tokens=6, steps=3,
-                                     stop_ids=[stop])
+  out2 = generate.generate_diffusion(params, cfg, *generate.pad_prompts(PROMPTS), stop_ids=[stop],
+                                     **kw)
   np.testing.assert_array_equal(np.asarray(out2.tokens), toks)
   assert bool(out2.stopped[1]) and int(out2.lengths[1]) == toks[1].tolist().index(stop) + 1
 
