@@ -13,7 +13,8 @@ model_lib = pytest.importorskip(
     "dualjax.model", reason="dualjax.model (the model issue) has not landed in this checkout")
 
 from dualjax import tokenizer as tok_lib
-from dualjax.evaluation import prompts, scoring, tasks
+from dualjax.evaluation import metrics, prompts, scoring, suite, tasks
+from interop_fixtures import authors_style_tokenizer, corpus_texts
 
 BOS, MASK = 1, 4
 
@@ -83,18 +84,18 @@ def _logp(cfg, params, tokens, mode, prefix_len=0):
   return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
 
 
-def naive_ar(cfg, params, r, prefix=False):
-  seq = [BOS, *r.ctx, *r.comp]
+def naive_ar(cfg, params, r, prefix=False, bos=BOS):
+  seq = [bos, *r.ctx, *r.comp]
   c = len(r.ctx)
   lp = _logp(cfg, params, seq[:-1], "prefix" if prefix else "causal", prefix_len=c + 1)
   return sum(lp[c + i, seq[c + 1 + i]] for i in range(len(r.comp)))
 
 
-def naive_pll(cfg, params, r, k):
+def naive_pll(cfg, params, r, k, bos=BOS, mask=MASK):
   c, n = len(r.ctx), len(r.comp)
   total = 0.0
   for i in range(n):
-    toks = [BOS, *r.ctx, *r.comp[:i]] + [MASK] * min(k, n - i)
+    toks = [bos, *r.ctx, *r.comp[:i]] + [mask] * min(k, n - i)
     total += _logp(cfg, params, toks, "bidirectional")[c + i, r.comp[i]]
   return total
 
@@ -245,3 +246,56 @@ def test_fit_and_bad_mode():
   assert scoring.fit(r, 3) == scoring.Request((), (5, 6))
   with pytest.raises(ValueError, match="unknown scoring mode 'pll0'"):
     scoring.parse_mode("pll0")
+
+
+# ----- special ids from the tokenizer -----------------------------------------------------------
+
+# An imported (authors-style) tokenizer.json whose <s> and <mask> are not dualjax's 1 and 4.
+HF_SPECIALS = ["<pad>", "<unk>", "</s>", "<mask>", "<s>"] + [f"<special_{i}>" for i in range(11)]
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory, eval_data_dir):
+  d = tmp_path_factory.mktemp("hf")
+  texts = corpus_texts(20) + ["".join([ctx, *comps]) for e in tasks.load_task(
+      "arc_easy", eval_data_dir, limit=200) for ctx, comps in [prompts.render(e)]]
+  tok = tok_lib.HFTokenizer(authors_style_tokenizer(d / "tokenizer.json", texts, vocab_size=400,
+                                                    specials=HF_SPECIALS))
+  assert (tok.bos_id, tok.mask_id) == (4, 3)
+  return tok
+
+
+def test_scorer_and_suite_use_the_tokenizers_special_ids(tiny, hf_tok, eval_data_dir):
+  cfg, params = tiny
+  examples = tasks.load_task("arc_easy", eval_data_dir, limit=2, seed=2)
+  rendered = [prompts.render(e) for e in examples]
+  reqs = [[scoring.split_encode(hf_tok, ctx, c) for c in cs] for ctx, cs in rendered]
+  flat = [r for rs in reqs for r in rs]
+  naive = {"ar": lambda r: naive_ar(cfg, params, r, bos=4),
+           "pll1": lambda r: naive_pll(cfg, params, r, 1, bos=4, mask=3)}
+  want = {m: [np.array([f(r) for r in rs]) for rs in reqs] for m, f in naive.items()}
+  assert scoring.special_ids(hf_tok) == (4, 3)
+  # The scorer: dualjax's defaults (1, 4) until told the tokenizer's.
+  scorer = scoring.Scorer(params, cfg, row_len=64)
+  for mode in naive:
+    default = scorer.score(flat, mode)
+    got = scorer.with_special_ids(4, 3).score(flat, mode)
+    scorer.with_special_ids(1, 4)
+    np.testing.assert_allclose(got, np.concatenate(want[mode]), rtol=2e-5, atol=2e-4)
+    assert np.abs(default - got).max() > 1e-2  # the ids matter
+  # The suite sets them from the tokenizer, on a scorer it is given (e.g. the trainer's, made
+  # with the defaults) and on one it makes.
+  res = suite.evaluate(params, cfg, hf_tok, ["arc_easy"], list(naive), data_dir=eval_data_dir,
+                       limit=2, seed=2, scorer=scorer)
+  assert (scorer.bos_id, scorer.mask_id) == (4, 3)
+  assert res["config"]["special_ids"] == {"bos": 4, "mask": 3}
+  fresh = suite.evaluate(params, cfg, hf_tok, ["arc_easy"], ["pll1"], data_dir=eval_data_dir,
+                         limit=2, seed=2, row_len=64)
+  for mode in naive:
+    acc = metrics.summarise_task("arc_easy", examples, [cs for _, cs in rendered],
+                                 want[mode])["acc"]
+    assert res["tasks"]["arc_easy"]["modes"][mode]["acc"] == acc
+  assert fresh["tasks"]["arc_easy"]["modes"]["pll1"]["acc"] == res["tasks"]["arc_easy"][
+      "modes"]["pll1"]["acc"]
+  with pytest.raises(ValueError, match="mask_id=600 is outside the model's vocabulary of 512"):
+    scoring.Scorer(params, cfg, mask_id=600)

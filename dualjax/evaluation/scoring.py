@@ -1,8 +1,9 @@
 """Log-likelihood of completions in four scoring modes, packed and batched (DESIGN.md §7).
 
 A request is (context ids, completion ids); its sequence is `<s> context completion`, with c
-context and n completion tokens (c may be 0: BLiMP). The hidden state at position p predicts token
-p+1 in every mode (MNTP). Modes, each a sum over the completion tokens c_0..c_{n-1}:
+context and n completion tokens (c may be 0: BLiMP); `<s>` and `<mask>` are the tokenizer's ids
+(`Scorer(bos_id=, mask_id=)`; default dualjax's own 1 and 4). The hidden state at position p
+predicts token p+1 in every mode (MNTP). Modes, each a sum over the completion tokens c_0..c_{n-1}:
 
 - `ar`: causal attention over `<s> ctx c_<n-1`; Σ_i log p(c_i | <s> ctx c_<i).
 - `prefix`: the same inputs; `<s>`+context attend each other bidirectionally, the completion
@@ -39,7 +40,7 @@ from dualjax import model as model_lib
 from dualjax import objectives
 from dualjax import sharding
 from dualjax.evaluation import packing
-from dualjax.special_tokens import BOS as BOS_ID, MASK as MASK_ID
+from dualjax.special_tokens import BOS, MASK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +49,14 @@ class Request:
   ctx: tuple[int, ...]
   comp: tuple[int, ...]
 
-  @property
-  def seq(self) -> np.ndarray:
-    return np.array((BOS_ID,) + self.ctx + self.comp, np.int32)
+  def seq(self, bos_id: int = BOS) -> np.ndarray:
+    """`<s> ctx comp` as int32 ids."""
+    return np.array((bos_id,) + self.ctx + self.comp, np.int32)
+
+
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+  """(bos_id, mask_id) of `tokenizer` (dualjax's own BOS/MASK for one without them)."""
+  return int(getattr(tokenizer, "bos_id", BOS)), int(getattr(tokenizer, "mask_id", MASK))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +164,7 @@ def _units(kind: str, k: int, reqs: Sequence[Request], masks: list[np.ndarray] |
 
 def _fill(kind: str, k: int, req: Request, seq: np.ndarray, aux: int, tok: np.ndarray,
           bidir: np.ndarray, tgt: np.ndarray, off: int, masks: np.ndarray | None,
-          t: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+          t: np.ndarray | None, mask_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Writes one unit at `off` of a row; returns (scored row positions, weights)."""
   c, n = len(req.ctx), len(req.comp)
   if kind in ("ar", "prefix"):
@@ -171,14 +177,14 @@ def _fill(kind: str, k: int, req: Request, seq: np.ndarray, aux: int, tok: np.nd
   if kind == "pll":
     i = aux
     tok[off:off + 1 + c + i] = seq[:1 + c + i]
-    tok[off + 1 + c + i:off + 1 + c + i + min(k, n - i)] = MASK_ID
+    tok[off + 1 + c + i:off + 1 + c + i + min(k, n - i)] = mask_id
     tgt[off + c + i] = seq[1 + c + i]
     return np.array([off + c + i]), np.ones(1)
   g = aux
   j = np.flatnonzero(masks[g])
   s = 1 + c + n
   tok[off:off + s] = seq
-  tok[off + 1 + c + j] = MASK_ID
+  tok[off + 1 + c + j] = mask_id
   tgt[off + c + j] = seq[1 + c + j]
   return off + c + j, np.full(len(j), 1.0 / (len(t) * t[g]))
 
@@ -233,11 +239,13 @@ class Scorer:
       down to a multiple of the device count, at least one row per device).
     apply_fn: `apply(params, tokens, segment_ids, *, cfg, mode, bidir_BxL=None) -> logits`
       (default dualjax.model.apply).
+    bos_id, mask_id: the tokenizer's `<s>` and `<mask>` ids (`special_ids(tokenizer)`;
+      `with_special_ids` changes them without recompiling).
   """
 
   def __init__(self, params: Any, model_cfg: Any, *, mesh: Mesh | None = None,
                row_len: int = 512, batch_tokens: int = 16384,
-               apply_fn: ApplyFn | None = None):
+               apply_fn: ApplyFn | None = None, bos_id: int = BOS, mask_id: int = MASK):
     self.cfg = model_cfg
     self.max_len = int(model_cfg.max_seq_len)
     self.row_len = min(row_len, self.max_len)
@@ -253,6 +261,16 @@ class Scorer:
     self._fns: dict[str, Any] = {}
     self.stats = {"units": 0, "unit_tokens": 0, "row_tokens": 0, "calls": 0}
     self.with_params(params)
+    self.with_special_ids(bos_id, mask_id)
+
+  def with_special_ids(self, bos_id: int, mask_id: int) -> "Scorer":
+    """Builds sequences with these `<s>` and `<mask>` ids from now on."""
+    vocab = getattr(self.cfg, "vocab_size", None)
+    for name, i in (("bos_id", bos_id), ("mask_id", mask_id)):
+      if int(i) < 0 or (vocab is not None and int(i) >= vocab):
+        raise ValueError(f"{name}={i} is outside the model's vocabulary of {vocab}")
+    self.bos_id, self.mask_id = int(bos_id), int(mask_id)
+    return self
 
   def with_params(self, params: Any) -> "Scorer":
     """Scores with `params` from now on (the compiled functions are kept)."""
@@ -299,11 +317,12 @@ class Scorer:
           for s, u in enumerate(row, 1):
             r = int(units.req[u])
             if r not in seqs:
-              seqs[r] = reqs[r].seq
+              seqs[r] = reqs[r].seq(self.bos_id)
             off, length = int(pk.offset[u]), int(units.length[u])
             seg[b, off:off + length] = s
             pos, w = _fill(kind, k, reqs[r], seqs[r], int(units.aux[u]), tok[b], bidir[b],
-                           tgt[b], off, None if masks is None else masks[r], t)
+                           tgt[b], off, None if masks is None else masks[r], t,
+                           self.mask_id)
             flat.append(b * bucket + pos)
             req_ids.append(np.full(len(pos), r))
             weights.append(w)

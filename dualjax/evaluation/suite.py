@@ -2,10 +2,10 @@
 
 `evaluate(params, model_cfg, tokenizer, tasks, modes, ...)` loads and validates every task,
 builds the unique (context, completion) requests, scores them in each mode with a `Scorer`
-(reusable across calls: its compiled functions are kept) and summarises per task, mode and
-sub-task with the headline means. `write_results` writes the JSON and a Markdown table.
-Settings (`EvalSettings`) are the `eval` section of a run config; `--config.eval.X` means the
-same in training and in `python -m dualjax.evaluate`.
+(reusable across calls: its compiled functions are kept; `<s>` and `<mask>` are the tokenizer's
+ids) and summarises per task, mode and sub-task with the headline means. `write_results` writes
+the JSON and a Markdown table. Settings (`EvalSettings`) are the `eval` section of a run config;
+`--config.eval.X` means the same in training and in `python -m dualjax.evaluate`.
 """
 
 import dataclasses
@@ -165,11 +165,13 @@ def evaluate(params: Any, model_cfg: Any, tokenizer: Any,
   mode_list = expand_modes(modes)
   examples = load_examples(tasks, data_dir, limit, seed)
   requests, per_task = build_requests(examples, tokenizer, mmlu_header)
+  bos_id, mask_id = scoring.special_ids(tokenizer)
   if scorer is None:
     scorer = scoring.Scorer(params, model_cfg, mesh=mesh, row_len=row_len,
-                            batch_tokens=batch_tokens, apply_fn=apply_fn)
+                            batch_tokens=batch_tokens, apply_fn=apply_fn, bos_id=bos_id,
+                            mask_id=mask_id)
   else:
-    scorer.with_params(params)
+    scorer.with_params(params).with_special_ids(bos_id, mask_id)
   cfg_dict = (dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg)
               else dict(vars(model_cfg)))
   results: dict[str, Any] = {
@@ -180,6 +182,7 @@ def evaluate(params: Any, model_cfg: Any, tokenizer: Any,
           "num_devices": scorer.n_dev, "model": {k: str(v) if not isinstance(
               v, (int, float, bool, str, type(None))) else v for k, v in cfg_dict.items()},
           "tokenizer_checksum": getattr(tokenizer, "checksum", None),
+          "special_ids": {"bos": bos_id, "mask": mask_id},
           "num_requests": len(requests),
       },
       "step": step, "checkpoint": checkpoint, "timing": {},
