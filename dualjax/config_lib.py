@@ -62,7 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       replica=-1, fsdp=1, tensor=1,
       microsteps=0,  # 0 = the fewest that represent lam exactly, divide the batch and fit below
-      max_device_rows=8,  # rows per device per microstep (memory bound; 0 = none), 470M @ 2048
+      # Rows per device per microstep (memory bound; 0 = none). 16 is what
+      # `python -m dualjax.compile --config=configs/rep128.py --topology=v5p:4x4x8 --fit` chose
+      # (77% of a v5p chip, remat none); for other targets run it and use its overrides (8xH200:
+      # 4 rows by the CPU compiler's estimate).
+      max_device_rows=16,
       # Logical axis -> mesh axis (dualjax/sharding.py): parameters FSDP over hidden dims and
       # tensor-parallel over heads/MLP/vocab; activation rows over replica x fsdp.
       rules=tuple(sharding.DEFAULT_RULES),
