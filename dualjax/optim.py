@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dualjax import typed_config
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 
@@ -275,12 +277,7 @@ def wsd_schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0,
 
 def optim_config(section: Any) -> OptimConfig:
   """An `optim` config section (ConfigDict or dict) as an OptimConfig; unknown fields raise."""
-  c = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-  known = [f.name for f in dataclasses.fields(OptimConfig)]
-  unknown = sorted(set(c) - set(known))
-  if unknown:
-    raise ValueError(f"optim: unknown config field(s) {unknown}; known: {known}")
-  return OptimConfig(**c)
+  return typed_config.from_section(OptimConfig, section, "optim")
 
 
 def make_optimizer_from_config(section: Any, logical_axes: Any, *, total_steps: int,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dualjax import typed_config
 from dualjax import workdir as workdir_lib
 from dualjax.evaluation import metrics, prompts, scoring, tasks as tasks_lib
 
@@ -57,12 +58,7 @@ def _csv(s: str) -> list[str]:
 
 def settings_from_config(section: Any) -> EvalSettings:
   """An `eval` config section (ConfigDict or dict) as EvalSettings; unknown fields raise."""
-  c = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-  known = [f.name for f in dataclasses.fields(EvalSettings)]
-  unknown = sorted(set(c) - set(known))
-  if unknown:
-    raise ValueError(f"eval: unknown config field(s) {unknown}; known: {known}")
-  return EvalSettings(**c)
+  return typed_config.from_section(EvalSettings, section, "eval")
 
 
 def check_settings(s: EvalSettings, lam: float | None) -> None:
