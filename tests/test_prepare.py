@@ -127,7 +127,9 @@ def test_cli_bad_input(existing, make, field):
   d, out, before = existing
   (d / "empty.txt").write_text("")
   (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "unterminated\n')
-  r = _cli(*make(d), f"--config.data.prepared_dir={out}", "--config.data.num_workers=1")
+  # --replace: even when told to replace `out`, bad input leaves it untouched.
+  r = _cli(*make(d), f"--config.data.prepared_dir={out}", "--config.data.num_workers=1",
+           "--replace")
   assert r.returncode == 2, r.stderr
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr
