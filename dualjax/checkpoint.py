@@ -94,35 +94,41 @@ class _StderrFilter:
 
   def __init__(self, stream):
     self._stream = stream
-    self._lock = threading.Lock()
+    self._lock = threading.RLock()
     self._block: list[str] | None = None  # lines of a traceback being collected
     self._partial = ""
 
+  _HEADS = ("Traceback (most recent call last):", "Exception ignored in")
+
   def write(self, text: str) -> int:
     with self._lock:
-      if self._block is None and not text.startswith(("Traceback (most recent call last)",
-                                                      "Exception ignored in")):
+      if self._block is None and not (text and any(h.startswith(text[:len(h)])
+                                                   for h in self._HEADS)):
         return self._stream.write(text)
       if self._block is None:
         self._block = []
       self._partial += text
       *lines, self._partial = self._partial.split("\n")
-      for line in lines:
+      for i, line in enumerate(lines):
         self._block.append(line)
-        if line and not line.startswith((" ", "Traceback", "Exception ignored in")):
-          self._flush_block()
+        first = len(self._block) == 1
+        if (first and not line.startswith(self._HEADS)) or (
+            line and not line.startswith((" ", "Traceback", "Exception ignored in"))):
+          rest = "".join(l + "\n" for l in lines[i + 1:]) + self._partial
+          self._partial = ""
+          self._flush_block(drop=not first)  # a first line that is no header: not a traceback
+          if rest:
+            self.write(rest)
           break
       return len(text)
 
-  def _flush_block(self) -> None:
+  def _flush_block(self, drop: bool = True) -> None:
     block, self._block = self._block or [], None
-    rest, self._partial = self._partial, ""
     last = block[-1] if block else ""
-    if not (last in self._DROP or (block[0].startswith("Exception ignored in: <coroutine")
-                                   and "Python is likely shutting down" in last)):
+    if not drop or not (last in self._DROP or (
+        block[0].startswith("Exception ignored in: <coroutine")
+        and "Python is likely shutting down" in last)):
       self._stream.write("\n".join(block) + "\n")
-    if rest:
-      self.write(rest)
 
   def flush(self) -> None:
     self._stream.flush()
