@@ -88,47 +88,48 @@ class _OrbaxLogFilter(logging.Filter):
 class _StderrFilter:
   """A sys.stderr wrapper that drops the tracebacks tensorstore prints (PyErr_Print) when a future
   completes after Orbax closed its event loop: `RuntimeError: Event loop is closed`, and the
-  "Exception ignored in: <coroutine ...>" pairs of an abandoned save. Everything else passes."""
+  "Exception ignored in: <coroutine ...>" pairs of an abandoned save. Everything else passes.
+  Tracebacks are collected per thread (several threads print at once)."""
 
   _DROP = ("RuntimeError: Event loop is closed",)
+  _HEADS = ("Traceback (most recent call last):", "Exception ignored in")
 
   def __init__(self, stream):
     self._stream = stream
-    self._lock = threading.RLock()
-    self._block: list[str] | None = None  # lines of a traceback being collected
-    self._partial = ""
-
-  _HEADS = ("Traceback (most recent call last):", "Exception ignored in")
+    self._lock = threading.Lock()
+    self._local = threading.local()  # .block: lines of a traceback being collected; .partial
 
   def write(self, text: str) -> int:
-    with self._lock:
-      if self._block is None and not (text and any(h.startswith(text[:len(h)])
-                                                   for h in self._HEADS)):
+    loc = self._local
+    block = getattr(loc, "block", None)
+    if block is None and not (text and any(h.startswith(text[:len(h)]) for h in self._HEADS)):
+      with self._lock:
         return self._stream.write(text)
-      if self._block is None:
-        self._block = []
-      self._partial += text
-      *lines, self._partial = self._partial.split("\n")
-      for i, line in enumerate(lines):
-        self._block.append(line)
-        first = len(self._block) == 1
-        if (first and not line.startswith(self._HEADS)) or (
-            line and not line.startswith((" ", "Traceback", "Exception ignored in"))):
-          rest = "".join(l + "\n" for l in lines[i + 1:]) + self._partial
-          self._partial = ""
-          self._flush_block(drop=not first)  # a first line that is no header: not a traceback
-          if rest:
-            self.write(rest)
-          break
-      return len(text)
+    if block is None:
+      loc.block, loc.partial = [], ""
+    loc.partial += text
+    *lines, loc.partial = loc.partial.split("\n")
+    for i, line in enumerate(lines):
+      loc.block.append(line)
+      first = len(loc.block) == 1
+      if (first and not line.startswith(self._HEADS)) or (
+          line and not line.startswith((" ", "Traceback", "Exception ignored in"))):
+        rest = "".join(l + "\n" for l in lines[i + 1:]) + loc.partial
+        self._flush_block(drop=not first)  # a first line that is no header: not a traceback
+        if rest:
+          self.write(rest)
+        break
+    return len(text)
 
   def _flush_block(self, drop: bool = True) -> None:
-    block, self._block = self._block or [], None
+    loc = self._local
+    block, loc.block, loc.partial = loc.block or [], None, ""
     last = block[-1] if block else ""
     if not drop or not (last in self._DROP or (
         block[0].startswith("Exception ignored in: <coroutine")
         and "Python is likely shutting down" in last)):
-      self._stream.write("\n".join(block) + "\n")
+      with self._lock:
+        self._stream.write("\n".join(block) + "\n")
 
   def flush(self) -> None:
     self._stream.flush()
@@ -224,6 +225,8 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(_IteratorState(state=data_state)),
         meta=ocp.args.JsonSave(meta))
     nbytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+    if self._unchecked and (force or self.should_save(step)):
+      self.wait()  # the previous save's failure is reported as its own (Orbax waits anyway)
     try:
       saved = self.manager.save(step, args=args, force=force)
     except Exception as e:  # pylint: disable=broad-except
@@ -249,19 +252,26 @@ class Checkpointer:
     return CheckpointError(f"saving the checkpoint of step {step} to {self.directory} failed "
                            f"({first}); {last}")
 
+  def _save_finished(self) -> bool:
+    """Whether the last asynchronous save has ended (non-blocking). Orbax 0.12 keeps it in its
+    finalize thread; `is_saving_in_progress()` turns False before the writes end."""
+    try:
+      ref = self.manager._finalize_thread  # pylint: disable=protected-access
+      return bool(ref.map(lambda t: t is None or not t.is_alive()))
+    except AttributeError:  # another Orbax version: ask it
+      return not self.manager.is_saving_in_progress()
+
   def save_error(self) -> CheckpointError | None:
     """The failure of a finished asynchronous save, once (None while fine or still saving).
 
     Host-side and cheap (no wait, no collectives): call it every step.
     """
-    if not self._unchecked or self.manager.is_saving_in_progress():
+    if not self._unchecked or not self._save_finished():
       return None
-    self._unchecked = False
     try:
-      self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
-      step, nbytes = self._saving or (-1, 0)
-      return self._save_failed(step, nbytes, e)
+      self.wait()  # returns at once: the save has ended
+    except CheckpointError as e:
+      return e
     return None
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any
@@ -345,14 +355,13 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Waits for the pending save; CheckpointError in one line if it failed."""
+    unchecked, self._unchecked = self._unchecked, False
     try:
       self.manager.wait_until_finished()
+      self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      step, nbytes = self._saving or (-1, 0)
+      step, nbytes = self._saving if unchecked and self._saving else (-1, 0)
       raise self._save_failed(step, nbytes, e) from None
-    error = self.save_error()
-    if error:
-      raise error
 
   def close(self) -> None:
     """Waits for the pending save and closes; CheckpointError if that save failed."""

@@ -195,15 +195,20 @@ def _sha256_file(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
-def _num_records(path: pathlib.Path) -> int:
+def _num_records(path: pathlib.Path, hint: str) -> int:
+  reader = None
   try:
     reader = array_record_module.ArrayRecordReader(str(path))
-  except Exception as e:  # pylint: disable=broad-except
-    raise PrepareError(f"{path}: unreadable ArrayRecord file ({cli.one_line(e)})") from None
-  try:
     return reader.num_records()
+  except Exception as e:  # pylint: disable=broad-except
+    raise PrepareError(f"{path} is not a readable ArrayRecord file ({cli.one_line(e)[:160]}); "
+                       f"{hint}") from None
   finally:
-    reader.close()
+    if reader is not None:
+      try:
+        reader.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # closing a reader over a damaged file raises again; the error above says it
 
 
 def read_manifest(prepared_dir: str | os.PathLike) -> dict[str, Any]:
@@ -269,7 +274,7 @@ def check_integrity(prepared_dir: str | os.PathLike, *, checksums: bool = False
     for split in ("train", "val"):
       sm = m[split]
       for name in sm["shards"]:
-        n = _num_records(d / name)
+        n = _num_records(d / name, hint)
         if n != files[name]["records"]:
           raise PrepareError(f"{d / name} holds {n:,} records, the manifest says "
                              f"{files[name]['records']:,} (damaged); {hint}")

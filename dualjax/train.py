@@ -511,10 +511,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
   try:
     return _train(cfg, workdir, signals)
   except StartupInterrupted:
-    print("SIGTERM during start-up: stopped before training (nothing to save)", flush=True)
-    return {}
+    pass
+  except Exception:  # pylint: disable=broad-except
+    if not (signals.flag and not signals.in_loop):
+      raise
+    # The signal surfaced through a library as its own error (e.g. SentencePiece's trainer).
   finally:
     signals.restore()
+  print("SIGTERM during start-up: stopped before training (nothing to save)", flush=True)
+  return {}
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, signals: _Signals

@@ -153,3 +153,26 @@ def test_stderr_filter_drops_only_the_event_loop_noise():
   assert out.getvalue() == "progress 10%\r" + real
   f.write(noise + "after\n")  # one write holding the noise and more
   assert out.getvalue().endswith(real + "after\n")
+
+
+def test_stderr_filter_with_threads_printing_at_once():
+  import io  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  out = io.StringIO()
+  f = ckpt_lib._StderrFilter(out)  # pylint: disable=protected-access
+  lines = ["Traceback (most recent call last):\n", '  File "base_events.py", line 806\n',
+           "    raise RuntimeError('Event loop is closed')\n",
+           "RuntimeError: Event loop is closed\n"]
+  barrier = threading.Barrier(4)
+
+  def noisy():
+    barrier.wait()
+    for _ in range(50):
+      for line in lines:  # interleaves with the other threads line by line
+        f.write(line)
+  threads = [threading.Thread(target=noisy) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert out.getvalue() == ""
