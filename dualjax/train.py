@@ -260,14 +260,21 @@ class Trainer:
             "replicas": s.replicas, "overfit": self.overfit.state(),
             "train_window": self.train_window}
 
+  def _schedule(self) -> np.ndarray:
+    """The learning rate of every step (WSD of the update count), computed once before the loop
+    so that logging it never waits behind a training step."""
+    c = optim.optim_config(self.cfg.optim)
+    sched = optim.wsd_schedule(c.learning_rate, self.cfg.train.steps, c.warmup_steps,
+                               c.decay_fraction)
+    try:
+      device = jax.local_devices(backend="cpu")[0]  # this process's own: no collective
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+      device = jax.local_devices()[0]
+    with jax.default_device(device):
+      return np.asarray(jax.vmap(sched)(jnp.arange(self.cfg.train.steps)))
+
   def _learning_rate(self, step: int) -> float:
-    """The learning rate step `step` used (WSD schedule of update count step - 1; host only)."""
-    if self._lr is None:
-      c = optim.optim_config(self.cfg.optim)
-      sched = optim.wsd_schedule(c.learning_rate, self.cfg.train.steps, c.warmup_steps,
-                                 c.decay_fraction)
-      with jax.default_device(jax.devices("cpu")[0]):  # never queued behind the train step
-        self._lr = np.asarray(jax.vmap(sched)(jnp.arange(self.cfg.train.steps)))
+    """The learning rate step `step` (1-based) used: the schedule at update count step - 1."""
     return float(self._lr[min(max(step - 1, 0), len(self._lr) - 1)])
 
   # --- the loop ----------------------------------------------------------------------------------
@@ -323,6 +330,7 @@ class Trainer:
       return {}
     if self.start == 0:
       self._write_hparams()
+    self._lr = self._schedule()
     redirect = (tqdm_logging.logging_redirect_tqdm() if self.progress.tty
                 else contextlib.nullcontext())
     with redirect:

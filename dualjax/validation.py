@@ -17,6 +17,7 @@ index), independent of the chunking, the mesh and the process count. Scored toke
 objectives' scorable targets (not `<s>`, not padding).
 """
 
+import math
 from typing import Any
 
 import jax
@@ -90,6 +91,9 @@ class Validator:
     self.mesh = mesh
     if rows is None:
       rows = d.global_batch // microsteps
+      pc = jax.process_count()
+      if rows % pc:  # each process feeds whole rows: the next size that splits over processes
+        rows = math.lcm(rows, pc) if d.global_batch % math.lcm(rows, pc) == 0 else d.global_batch
     self.rows = rows
     self.chunks_per_batch = max(d.global_batch // rows, 1)
     max_chunks = cfg.log.val_batches * self.chunks_per_batch if cfg.log.val_batches else None

@@ -1,4 +1,6 @@
+import io
 import logging
+import threading
 
 import grain
 import jax
@@ -136,7 +138,6 @@ def test_keep_every_saves_and_keeps_multiples(tmp_path):
 
 
 def test_stderr_filter_drops_only_the_event_loop_noise():
-  import io  # pylint: disable=import-outside-toplevel
   out = io.StringIO()
   f = ckpt_lib._StderrFilter(out)  # pylint: disable=protected-access
   noise = ("Traceback (most recent call last):\n"
@@ -156,8 +157,6 @@ def test_stderr_filter_drops_only_the_event_loop_noise():
 
 
 def test_stderr_filter_with_threads_printing_at_once():
-  import io  # pylint: disable=import-outside-toplevel
-  import threading  # pylint: disable=import-outside-toplevel
   out = io.StringIO()
   f = ckpt_lib._StderrFilter(out)  # pylint: disable=protected-access
   lines = ["Traceback (most recent call last):\n", '  File "base_events.py", line 806\n',

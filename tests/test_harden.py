@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from data_fixtures import embedded_prepared  # noqa: F401  pylint: disable=unused-import
-from dualjax import checkpoint as ckpt_lib
 from dualjax import metrics as metrics_lib
 from dualjax import prepare as prepare_lib
+from dualjax import results
 from dualjax import trained
 from test_train import CONFIG, REPO, _args, _env, _last_step, _main, _run, _tree_digest
 
@@ -354,7 +354,6 @@ def test_checkpoints_without_config_json_refuse_another_run(embedded_prepared, t
 def test_overfitting_flag_turns_on_in_a_real_heavily_repeated_run(embedded_prepared, tmp_path):  # noqa: F811
   """AR-only at r=64 on a ~100k-parameter model: the unique subset (~1k tokens) is memorised;
   the held-out loss turns up while the training loss falls, and the flag records when."""
-  from dualjax import results  # pylint: disable=import-outside-toplevel
   wd = tmp_path / "r128"
   r = _run(_args(embedded_prepared, wd, **{
       "objective.lam": 1.0, "data.repetitions": 64, "train.steps": 120, "log.val_every": 5,
