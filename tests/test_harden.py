@@ -23,6 +23,9 @@ from dualjax import results
 from dualjax import trained
 from test_train import CONFIG, REPO, _args, _env, _last_step, _main, _run, _tree_digest
 
+# End-to-end: every test starts `python -m dualjax.main` / `prepare` as a user would.
+pytestmark = pytest.mark.slow
+
 def _one_error_line(r: subprocess.CompletedProcess, pattern: str, warnings: bool = False) -> str:
   """Exit 2 and one `error:` line matching `pattern`; nothing else on stderr (but WARNING log
   lines if `warnings`)."""

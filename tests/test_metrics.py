@@ -3,6 +3,7 @@ progress timing/lines, and the §5.3 overfitting detector on synthetic noisy cur
 
 import json
 import math
+import re
 import struct
 
 import numpy as np
@@ -98,8 +99,12 @@ def test_progress_times_steps_between_marks():
   assert out["tokens_per_s"] == pytest.approx(4000, rel=0.05)
   assert out["mfu"] == pytest.approx(4000 * 6.0 / 2e6, rel=0.05)
   line = p.line(3, {"loss": 2.0, "ar_loss": 1.5, "lr": 1e-3, **out})
-  assert line.startswith("step 3/100 loss 2.0000 ar_loss 1.5000 lr 0.001 ")
-  assert "ms/step" in line and "tok/s 4," in line and "MFU" in line and "ETA 0:00:2" in line
+  m = re.fullmatch(r"step 3/100 loss 2\.0000 ar_loss 1\.5000 lr 0\.001 ([\d.]+) ms/step tok/s "
+                   r"([\d,]+) MFU ([\d.]+)% ETA 0:00:(\d\d)", line)
+  assert m, line
+  assert float(m[1]) == pytest.approx(250, rel=0.05)
+  assert int(m[2].replace(",", "")) == pytest.approx(4000, rel=0.05)
+  assert float(m[3]) == pytest.approx(1.2, abs=0.1) and 22 <= int(m[4]) <= 26  # 97 x 0.25 s
   cpu = metrics.Progress(total_steps=10, start_step=0, tokens_per_step=10)  # peak unknown
   cpu.mark(0)
   cpu._t -= 0.1
