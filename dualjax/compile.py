@@ -41,6 +41,7 @@ from dualjax import model as model_lib
 from dualjax import split as split_lib
 from dualjax import state as state_lib
 from dualjax import step as step_lib
+from dualjax import validation
 from dualjax.errors import ConfigError
 from dualjax.evaluation import scoring
 
@@ -183,14 +184,17 @@ def compile_train(cfg: ml_collections.ConfigDict, mesh: Mesh
 
 def compile_validation(cfg: ml_collections.ConfigDict, mesh: Mesh,
                        split: split_lib.ObjectiveSplit) -> Compiled:
-  """The held-out loss function on one call's rows: a training microstep's rows per device."""
+  """The trainer's validation chunk function (dualjax.validation) on one chunk: a training
+  microstep's rows."""
   mc = config_lib.model_config(cfg)
-  abstract = state_lib.abstract_params(mc, mesh, config_lib.rules(cfg))
-  fn = jax.jit(step_lib.make_eval_fn(mc, span_mask=cfg.log.span_mask_val, mesh=mesh,
-                                     rules=config_lib.rules(cfg)))
+  rules = config_lib.rules(cfg)
+  abstract = state_lib.abstract_params(mc, mesh, rules)
+  fn = jax.jit(validation.make_sums_fn(mc, span_mask=cfg.log.span_mask_val, mesh=mesh,
+                                       rules=rules))
   rows = cfg.data.global_batch // split.microsteps
   batch = _rows(rows, cfg.data.seq_len + 1, mesh, mesh_lib.BATCH_AXES)
-  compiled = _compile("validation", fn.lower(abstract, batch, jax.random.key(0)))
+  row_ids = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh))
+  compiled = _compile("validation", fn.lower(abstract, batch, row_ids, jax.random.key(0)))
   return Compiled("validation", compiled, {"params": per_device_bytes(abstract)})
 
 

@@ -21,6 +21,7 @@ import ml_collections
 
 from dualjax import model as model_lib
 from dualjax import optim
+from dualjax import prepare
 from dualjax import sharding
 from dualjax.errors import ConfigError
 from dualjax.evaluation import suite
@@ -48,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       global_batch=2048,  # rows per optimizer step (each row seq_len + 1 tokens)
       repetitions=1,      # r: the unique subset of D/r tokens is seen r times
       num_workers=0,      # prepare: tokenizer processes (0 = all cores)
-      val_fraction=0.005,
+      val_fraction=prepare.DEFAULT_VAL_FRACTION,  # held-out share (not for 'embedded': own split)
+      text_field="text",  # the JSONL/Parquet/TFDS field holding the text (or ITEM#FIELD)
   ))
   # L = lam * ar_loss_scale * L_AR + (1 - lam) * L_MDM. The authors' released code multiplied
   # L_AR by 2 (paper Appendix B erratum), and every published run -- hence the paper's lambda
@@ -56,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (the library's own default, `objectives.dual_loss`, is Eq. 5's 1).
   c.objective = ml_collections.ConfigDict(dict(lam=1.0, ar_loss_scale=2.0, z_loss=1e-4))
   c.optim = ml_collections.ConfigDict(dataclasses.asdict(optim.OptimConfig()))
-  c.train = ml_collections.ConfigDict(dict(steps=8192))
+  # stop_at: end this start at step N (checkpoint saved, exit 0) without changing the run (its
+  # schedule and unique subset follow `steps`); a later start resumes. 0 = run to `steps`.
+  c.train = ml_collections.ConfigDict(dict(steps=8192, stop_at=0))
   # Devices form a ('replica', 'fsdp', 'tensor') mesh; -1 takes the remaining devices. The
   # replica axis (x gradient-accumulation microsteps) is split into AR and MDM cells.
   c.mesh = ml_collections.ConfigDict(dict(
@@ -71,11 +75,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # tensor-parallel over heads/MLP/vocab; activation rows over replica x fsdp.
       rules=tuple(sharding.DEFAULT_RULES),
   ))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=256, keep=3, async_save=True))
+  # keep_every: also save and keep every multiple of N (e.g. the step before the WSD decay, to
+  # branch from); 0 = only the `keep` newest.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=256, keep=3, async_save=True, keep_every=0))
   c.log = ml_collections.ConfigDict(dict(
       every=16, val_every=512, val_batches=8,
       span_mask_val=False,     # also the authors' validation loss: BERT-style 10% span masking
-      overfit_rel_tol=0.01))   # paper §5.3 flag: held-out loss this far above its best
+      # Paper §5.3 overfitting flag (dualjax.metrics.OverfitDetector): the held-out loss, median
+      # of the last `overfit_window` validations, above its best by this share plus twice its
+      # measured noise, while the training loss is below its value at that best, for
+      # `overfit_patience` validations in a row.
+      overfit_rel_tol=0.01, overfit_window=3, overfit_patience=2))
   # Downstream evaluation (dualjax.evaluation) every `eval.every` steps and at the end; 0 = off.
   c.eval = ml_collections.ConfigDict(dataclasses.asdict(suite.EvalSettings()))
 
@@ -90,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
   c.model.update(TINY_MODEL)
-  c.data.update(dict(source="embedded", seq_len=128, global_batch=16, val_fraction=0.02))
+  c.data.update(dict(source="embedded", seq_len=128, global_batch=16))
   c.optim.learning_rate = 0.01
   c.train.steps = 300
   c.checkpoint.every = 50

@@ -21,6 +21,14 @@ def processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
+def any_process(flags: list[bool]) -> list[bool]:
+  """Element-wise OR of `flags` over all processes (one collective for several flags)."""
+  if jax.process_count() == 1:
+    return [bool(f) for f in flags]
+  got = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+  return [bool(x) for x in np.any(np.asarray(got).reshape(-1, len(flags)), axis=0)]
+
+
 def agree_or_raise(error: BaseException | None, elsewhere: BaseException) -> None:
   """Raises `error` where it happened and `elsewhere` on the other processes, or nothing."""
   if not processes_agree(error is None):

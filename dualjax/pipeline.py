@@ -134,6 +134,8 @@ class _Stream:
     for p in paths:
       if not os.path.isfile(p):
         raise PipelineError(f"prepared shard {p} is missing")
+    self._dir, self._manifest = prepared_dir, m
+    self._paths = paths
     self._source = grain.sources.ArrayRecordDataSource(paths)
     self.docs = docs                       # record indices of the document set (fixed order)
     self.lengths = lengths[docs].astype(np.int64)
@@ -159,6 +161,23 @@ class _Stream:
         self._cache[e] = (self.docs[pos], starts)
       return self._cache[e]
 
+  def _read(self, indices: list[int]) -> list[bytes]:
+    """Records by index; a damaged shard is a one-line PipelineError naming it."""
+    try:
+      return self._source.__getitems__(indices)
+    except Exception as e:  # pylint: disable=broad-except
+      counts = [self._manifest.get("files", {}).get(pathlib.Path(p).name, {}).get("records")
+                for p in self._paths]
+      where = self._dir
+      if indices and all(isinstance(c, int) for c in counts):
+        shard = int(np.searchsorted(np.cumsum(counts), indices[0], "right"))
+        where = self._paths[min(shard, len(self._paths) - 1)]
+      raise PipelineError(
+          f"prepared data {where} is damaged ({type(e).__name__}: "
+          f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); find the bad file "
+          f"with: python -m dualjax.prepare --verify --config.data.prepared_dir={self._dir}, "
+          "then rebuild it") from None
+
   def span(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Tokens int32[b-a] of stream positions [a, b) (PAD past the end) and a document-piece
     counter int64[b-a] that increases exactly where a document (piece) starts; -1 = padding."""
@@ -173,7 +192,7 @@ class _Stream:
       stop = min(end - e * self.epoch_tokens, self.epoch_tokens)
       j0 = int(np.searchsorted(starts, o, "right")) - 1
       j1 = int(np.searchsorted(starts, stop, "left"))
-      recs = self._source.__getitems__([int(i) for i in order[j0:j1]])
+      recs = self._read([int(i) for i in order[j0:j1]])
       cat = np.frombuffer(b"".join(recs), self._dtype)
       lens = starts[j0 + 1:j1 + 1] - starts[j0:j1]
       lo, hi = o - starts[j0], stop - starts[j0]
@@ -222,7 +241,25 @@ def _read_lengths(prepared_dir: pathlib.Path, m: dict[str, Any], split: str) -> 
   path = prepared_dir / m[split]["lengths"]
   if not path.is_file():
     raise PipelineError(f"prepared file {path} is missing")
-  return np.load(path)
+  try:
+    lengths = np.load(path)
+  except (ValueError, OSError, EOFError) as e:
+    raise PipelineError(f"prepared file {path} is unreadable ({str(e).splitlines()[0][:160]}); "
+                        "rebuild it with python -m dualjax.prepare") from None
+  if lengths.ndim != 1 or len(lengths) != m[split]["documents"]:
+    raise PipelineError(f"prepared file {path} has {lengths.size} entries, the manifest says "
+                        f"{m[split]['documents']} documents; rebuild it with python -m dualjax.prepare")
+  return lengths
+
+
+def check_subset(*, token_budget: int, repetitions: int, seq_len: int, global_batch: int) -> None:
+  """The unique subset (budget / r tokens) must hold at least one global batch (needs no data)."""
+  batch_tokens = global_batch * (seq_len + 1)
+  target = -(-token_budget // repetitions)
+  if target < batch_tokens:
+    raise PipelineError(
+        f"repetitions={repetitions} leaves a unique subset of {target:,} tokens (token budget "
+        f"{token_budget:,} / {repetitions}), less than one global batch of {batch_tokens:,} tokens")
 
 
 def plan_train(prepared_dir: str | os.PathLike, *, seq_len: int, global_batch: int,
@@ -235,12 +272,10 @@ def plan_train(prepared_dir: str | os.PathLike, *, seq_len: int, global_batch: i
   d = pathlib.Path(prepared_dir)
   m = prepare_lib.read_manifest(d)
   lengths = _read_lengths(d, m, "train")
+  check_subset(token_budget=token_budget, repetitions=repetitions, seq_len=seq_len,
+               global_batch=global_batch)
   batch_tokens = global_batch * (seq_len + 1)
   target = -(-token_budget // repetitions)
-  if target < batch_tokens:
-    raise PipelineError(
-        f"repetitions={repetitions} leaves a unique subset of {target:,} tokens (token budget "
-        f"{token_budget:,} / {repetitions}), less than one global batch of {batch_tokens:,} tokens")
   order = document_order(len(lengths), seed)
   cum = np.cumsum(lengths[order])
   total = int(cum[-1]) if len(cum) else 0

@@ -106,10 +106,20 @@ def _best(vals: list[tuple[int, float]]) -> tuple[float, int]:
 
 
 def _flag(val: list[dict[str, Any]], key: str) -> tuple[int, int]:
-  """(flag in the last validation record that carries it, first step where it held or -1)."""
+  """(flag in the last validation record that carries it, first step where it held or -1).
+
+  The trainer records the step where the (sticky) flag first held as `<objective>_overfit_step`
+  (dualjax.metrics.OverfitDetector); older runs without it: the first record flagged.
+  """
   have = [r for r in val if key in r]
-  on = [int(r["step"]) for r in have if r[key]]
-  return (int(bool(have[-1][key])) if have else 0), (on[0] if on else -1)
+  step_key = key.replace("_overfitting", "_overfit_step")
+  recorded = [r for r in have if step_key in r]
+  if recorded:
+    first = int(recorded[-1][step_key])
+  else:
+    on = [int(r["step"]) for r in have if r[key]]
+    first = on[0] if on else -1
+  return (int(bool(have[-1][key])) if have else 0), first
 
 
 def row(workdir: str | os.PathLike, point: str | None = None) -> dict[str, Any]:

@@ -5,9 +5,12 @@ A source spec is one of
   tfds:NAME[/CONFIG][:VERSION][@DATA_DIR][#FIELD]   split 'train' of a prepared TFDS dataset
                                    (ArrayRecord format; FIELD defaults to 'text')
   a file, a glob, a directory (recursive), or several of these joined with ','.
-Files by name: `*.jsonl` / `*.jsonl.zst` / `*.json.zst` (one JSON object per line, `text` field,
-HPLT v2), `*.parquet` (`text` column), anything else is plain UTF-8 text with ONE DOCUMENT PER
-FILE. Documents are yielded as `(location, text)` with location `file:line`, `file#row`, ...
+Files by name: `*.jsonl` / `*.jsonl.zst` / `*.json.zst` (one JSON object per line, HPLT v2),
+`*.parquet`, anything else is plain UTF-8 text with ONE DOCUMENT PER FILE.
+The text field of JSONL/Parquet/TFDS is `text_field` (`--config.data.text_field`, default
+`text`); `ITEM#FIELD` names it for one item, e.g. `/data/*.jsonl.zst#content,b.parquet#body`
+(plain text and the embedded corpus have no fields). Documents are yielded as
+`(location, text)` with location `file:line`, `file#row`, ...
 """
 
 import dataclasses
@@ -81,12 +84,32 @@ def _corpus_dir() -> pathlib.Path:
   return pathlib.Path(str(importlib.resources.files("dualjax") / "corpus"))
 
 
-def open_source(spec: str) -> Source:
-  """Parses and checks a source spec (files exist and are non-empty) without reading documents."""
+DEFAULT_TEXT_FIELD = "text"
+
+
+def _split_field(item: str, text_field: str) -> tuple[str, str | None]:
+  """`ITEM#FIELD` -> (ITEM, FIELD); (item, None) when no field is named (a path may hold '#')."""
+  if "#" in item and not os.path.exists(item):
+    path, field = item.rsplit("#", 1)
+    if not field or "/" in field:
+      raise SourceError(f"source item {item!r}: '#' must be followed by a field name")
+    return path, field
+  return item, None
+
+
+def open_source(spec: str, text_field: str = DEFAULT_TEXT_FIELD) -> Source:
+  """Parses and checks a source spec (files exist and are non-empty) without reading documents.
+
+  `text_field` is the field/column read from JSONL, Parquet and TFDS items that name none.
+  """
   spec = spec.strip()
   if not spec:
     raise SourceError("source: empty source spec")
-  if spec == "embedded" or spec.startswith("embedded:"):
+  if not text_field:
+    raise SourceError("data.text_field is empty (the JSONL/Parquet field holding the text)")
+  if spec.split("#", 1)[0] == "embedded" or spec.startswith("embedded:"):
+    if "#" in spec:
+      raise SourceError(f"source {spec!r}: the embedded corpus has no fields to choose")
     names = tuple(spec.split(":", 1)[1].split(",")) if ":" in spec else EMBEDDED_SOURCES
     bad = [n for n in names if n not in EMBEDDED_SOURCES]
     if bad:
@@ -100,19 +123,24 @@ def open_source(spec: str) -> Source:
         raise SourceError(f"embedded corpus file {p.path} is missing (broken install?)")
     return Source(spec, f"embedded corpus ({', '.join(names)}; dualjax/corpus/PROVENANCE.md)", parts)
   if spec.startswith("tfds:"):
-    return _open_tfds(spec)
+    return _open_tfds(spec, text_field)
   if spec.split(":", 1)[0].isalpha() and ":" in spec and not os.path.exists(spec):
     raise SourceError(f"source {spec!r}: unknown source scheme {spec.split(':', 1)[0]!r} "
                       "(use a path/glob, 'embedded[:name,...]' or 'tfds:...')")
-  files: list[str] = []
-  for item in spec.split(","):
-    files.extend(_expand(item.strip()))
   parts = []
-  for f in files:
-    if os.path.getsize(f) == 0:
-      raise SourceError(f"source file {f} is empty")
-    parts.append(Part(_kind_of(f), f))
-  return Source(spec, f"{len(files)} file(s) from {spec}", tuple(parts))
+  for item in spec.split(","):
+    item, field = _split_field(item.strip(), text_field)
+    for f in _expand(item):
+      if os.path.getsize(f) == 0:
+        raise SourceError(f"source file {f} is empty")
+      kind = _kind_of(f)
+      if kind == "text" and field is not None:
+        raise SourceError(f"source item {item}#{field}: plain text files have no fields "
+                          "(one document per file)")
+      parts.append(Part(kind, f, field="text" if kind == "text" else field or text_field))
+  fields = sorted({p.field for p in parts if p.kind != "text"})
+  what = f"; field {', '.join(fields)}" if fields else ""
+  return Source(spec, f"{len(parts)} file(s) from {spec}{what}", tuple(parts))
 
 
 def _kind_of(f: str) -> str:
@@ -142,9 +170,9 @@ def _expand(item: str) -> list[str]:
   return [item]
 
 
-def _open_tfds(spec: str) -> Source:
+def _open_tfds(spec: str, text_field: str = DEFAULT_TEXT_FIELD) -> Source:
   rest = spec[len("tfds:"):]
-  field = "text"
+  field = text_field
   if "#" in rest:
     rest, field = rest.rsplit("#", 1)
   data_dir = None

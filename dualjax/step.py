@@ -223,22 +223,3 @@ def make_train_step(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mes
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
   return train_step
-
-
-def make_eval_fn(model_cfg: model_lib.ModelConfig, *, z_loss: float = 0.0, span_mask: bool = False,
-                 mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES
-                 ) -> Callable[[Params, Batch, jax.Array], dict[str, jax.Array]]:
-  """Held-out losses of both objectives on one batch (MDM with the training noise process).
-
-  `span_mask` adds the authors' validation loss (BERT-style 10% span masking) as 'span_loss'.
-  """
-  def eval_fn(params, batch, key):
-    k_mdm, k_span = jax.random.split(key)
-    with sharding.activation_rules(mesh, rules):
-      ar, _ = objectives.ar_loss(params, batch, cfg=model_cfg, z_loss=z_loss)
-      mdm, _ = objectives.mdm_loss(params, batch, k_mdm, cfg=model_cfg, z_loss=z_loss)
-      out = {"ar_loss": ar, "mdm_loss": mdm}
-      if span_mask:
-        out["span_loss"], _ = objectives.span_mask_loss(params, batch, k_span, cfg=model_cfg)
-    return out
-  return eval_fn

@@ -8,6 +8,7 @@
   workdir/prepared/          token shards, unless data.prepared_dir points elsewhere
   workdir/checkpoints/N/     Orbax checkpoints (dualjax.checkpoint)
   workdir/metrics.jsonl      one JSON line per logged step: kind train | val | eval
+  workdir/lock               while a run trains here: its process id and host (dualjax.lock)
   workdir/tensorboard/       the same as TensorBoard events
   workdir/eval/step_N.{json,md}  downstream evaluation results
 """
@@ -36,7 +37,32 @@ EVAL_DIR = "eval"
 # them that may change on a resume (where data comes from, how the model is executed).
 RUN_IDENTITY = ("seed", "model", "data", "objective", "optim", "train")
 NOT_IDENTITY = ("data.prepared_dir", "data.num_workers", "model.attention_impl", "model.remat",
-                "model.scan_layers", "model.head_chunk")
+                "model.scan_layers", "model.head_chunk", "train.stop_at")
+
+
+def identity(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The run identity of a config: its RUN_IDENTITY sections without the NOT_IDENTITY fields
+  (JSON-able; recorded in every checkpoint)."""
+  full = json.loads(cfg.to_json())
+  out = {}
+  for section in RUN_IDENTITY:
+    out[section] = _strip(full.get(section), section)
+  return out
+
+
+def _strip(value: Any, path: str) -> Any:
+  if isinstance(value, dict):
+    return {k: _strip(v, f"{path}.{k}") for k, v in value.items() if f"{path}.{k}" not in NOT_IDENTITY}
+  return value
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+  """The first field where two run identities differ ('section.field: old -> new'), or None."""
+  for section in RUN_IDENTITY:
+    diff = _first_diff(old.get(section), new.get(section), section)
+    if diff:
+      return diff
+  return None
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
@@ -87,20 +113,29 @@ def check_identity(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -
     old = json.loads(saved.read_text())
   except json.JSONDecodeError as e:
     raise ConfigError(f"{saved}: unreadable ({e.msg}); use another --workdir") from None
-  new = json.loads(cfg.to_json())
-  for section in RUN_IDENTITY:
-    diff = _first_diff(old.get(section), new.get(section), section)
-    if diff:
-      raise ConfigError(f"workdir {workdir} holds a run with a different config: {diff} "
-                        "(use another --workdir)")
+  diff = identity_diff(old, json.loads(cfg.to_json()))
+  if diff:
+    raise ConfigError(f"workdir {workdir} holds a run with a different config: {diff} "
+                      "(use another --workdir)")
+
+
+# Identity fields added later: a config (or checkpoint) written before them has the value that
+# reproduces what it did then.
+ADDED_FIELDS = {"data.text_field": "text"}
+_MISSING = object()
 
 
 def _first_diff(a: Any, b: Any, path: str) -> str | None:
   if path in NOT_IDENTITY:
     return None
+  if a is _MISSING or b is _MISSING:
+    default = ADDED_FIELDS.get(path, _MISSING)
+    a, b = (default if a is _MISSING else a), (default if b is _MISSING else b)
+    if a is _MISSING or b is _MISSING:
+      a, b = (None if a is _MISSING else a), (None if b is _MISSING else b)
   if isinstance(a, dict) and isinstance(b, dict):
     for k in sorted(set(a) | set(b)):
-      d = _first_diff(a.get(k), b.get(k), f"{path}.{k}")
+      d = _first_diff(a.get(k, _MISSING), b.get(k, _MISSING), f"{path}.{k}")
       if d:
         return d
     return None

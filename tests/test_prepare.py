@@ -127,9 +127,87 @@ def test_cli_bad_input(existing, make, field):
   d, out, before = existing
   (d / "empty.txt").write_text("")
   (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "unterminated\n')
-  r = _cli(*make(d), f"--config.data.prepared_dir={out}", "--config.data.num_workers=1")
+  # --replace: even when told to replace `out`, bad input leaves it untouched.
+  r = _cli(*make(d), f"--config.data.prepared_dir={out}", "--config.data.num_workers=1",
+           "--replace")
   assert r.returncode == 2, r.stderr
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr
   assert _snapshot(out) == before
   assert sorted(p.name for p in d.iterdir() if p.name.startswith(".out")) == []  # no temp left
+
+
+def test_manifest_records_sizes_checksums_and_settings(tmp_path):
+  src, _ = _corpus(tmp_path)
+  out = tmp_path / "out"
+  m = prepare_lib.prepare(str(src), out, vocab_size=400, num_workers=1, val_fraction=0.2,
+                          verbose=False)
+  names = m["train"]["shards"] + m["val"]["shards"] + ["train_lengths.npy", "val_lengths.npy",
+                                                         "tokenizer.model"]
+  assert sorted(m["files"]) == sorted(names)
+  for name in names:
+    data = (out / name).read_bytes()
+    assert m["files"][name]["bytes"] == len(data)
+    assert m["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+  assert sum(m["files"][n]["records"] for n in m["train"]["shards"]) == m["train"]["documents"]
+  assert m["settings"] == {"source": str(src), "text_field": "text", "tokenizer": "train:bpe:400",
+                           "val_fraction": 0.2, "max_tokenizer_chars": 200_000_000}
+  body = {k: v for k, v in m.items() if k != "checksum"}
+  assert m["checksum"] == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+  assert prepare_lib.verify(out) == m
+  assert prepare_lib.status(out, str(src), tokenizer=None, vocab_size=400,
+                            val_fraction=0.2) == ("ready", "")
+  state, why = prepare_lib.status(out, str(src), tokenizer=None, vocab_size=400, val_fraction=0.3)
+  assert state == "stale" and "val_fraction 0.2 -> 0.3" in why
+  state, why = prepare_lib.status(out, "embedded", tokenizer=None, vocab_size=400, val_fraction=0.2)
+  assert state == "other" and f"holds data prepared from source '{src}'" in why
+  assert prepare_lib.status(tmp_path / "none", "embedded", tokenizer=None, vocab_size=400,
+                            val_fraction=0.2)[0] == "absent"
+
+
+def test_another_source_is_refused_unless_replace(tmp_path):
+  src, _ = _corpus(tmp_path)
+  out = tmp_path / "out"
+  prepare_lib.prepare(str(src), out, vocab_size=300, num_workers=1, verbose=False)
+  before = _snapshot(out)
+  other = tmp_path / "other.jsonl"
+  other.write_text("".join(json.dumps({"body": f"other text {i} " * 20}) + "\n" for i in range(40)))
+  with pytest.raises(prepare_lib.PrepareError, match="refusing to replace it"):
+    prepare_lib.prepare(str(other), out, vocab_size=300, num_workers=1, text_field="body",
+                        verbose=False)
+  assert _snapshot(out) == before
+  m = prepare_lib.prepare(str(other), out, vocab_size=300, num_workers=1, text_field="body",
+                          val_fraction=0.1, replace=True, verbose=False)
+  assert m["settings"]["text_field"] == "body" and m["source"] == str(other)
+  tok = prepare_lib.load_tokenizer(out)
+  assert tok.decode(read_records(out, "train")[0][1:]).startswith("other text")
+
+
+def test_warns_about_a_small_vocabulary_and_an_empty_split(tmp_path, caplog):
+  src = tmp_path / "tiny.jsonl"
+  src.write_text("".join(json.dumps({"text": f"short {i}"}) + "\n" for i in range(5)))
+  with caplog.at_level("WARNING"):
+    m = prepare_lib.prepare(str(src), tmp_path / "o", vocab_size=2048, num_workers=1,
+                            val_fraction=0.0, verbose=False)
+  assert m["tokenizer"]["vocab_size"] < 2048 == m["tokenizer"]["requested_vocab_size"]
+  assert f"the trained tokenizer has {m['tokenizer']['vocab_size']} tokens, fewer than the 2048" \
+      in caplog.text
+  assert "has no validation documents (val_fraction=0.0)" in caplog.text
+
+
+def test_an_old_manifest_is_refused_by_training_and_rebuilt_by_prepare(tmp_path):
+  src, _ = _corpus(tmp_path, n=10)
+  out = tmp_path / "out"
+  prepare_lib.prepare(str(src), out, vocab_size=300, num_workers=1, verbose=False)
+  m = json.loads((out / "manifest.json").read_text())
+  for k in ("files", "settings", "checksum"):
+    del m[k]
+  m["format"] = 1
+  (out / "manifest.json").write_text(json.dumps(m))
+  with pytest.raises(prepare_lib.PrepareError, match=r"older dualjax \(manifest format 1.*rebuild "
+                                                     r"it with: python -m dualjax.prepare"):
+    prepare_lib.check_integrity(out)
+  assert prepare_lib.status(out, str(src), tokenizer=None, vocab_size=300,
+                            val_fraction=0.005)[0] == "stale"
+  m2 = prepare_lib.prepare(str(src), out, vocab_size=300, num_workers=1, verbose=False)
+  assert m2["format"] == 2 and prepare_lib.verify(out)

@@ -118,3 +118,20 @@ def test_bad_metrics_line_names_file(tmp_path):
     f.write("{not json\n")
   with pytest.raises(results.ResultsError, match=r"metrics.jsonl:13"):
     results.row(wd)
+
+
+def test_overfit_step_comes_from_the_trainers_record(tmp_path):
+  """Runs that record `<objective>_overfit_step` (the sticky §5.3 flag): that step is the column."""
+  wd = _workdir(tmp_path, name="recorded")
+  recs = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  for rec in recs:
+    if rec["kind"] == "val" and rec["step"] >= 10:
+      on = rec["step"] >= 30
+      rec.update(ar_overfitting=on, ar_overfit_step=30 if on else -1, mdm_overfitting=False,
+                 mdm_overfit_step=-1)
+  recs[-2]["ar_overfit_step"] = 25  # the detector's own first step (e.g. a validation not kept)
+  (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  r = results.row(wd)
+  assert (r["ar_overfitting"], r["ar_overfit_step"]) == (1, 25)
+  assert (r["mdm_overfitting"], r["mdm_overfit_step"]) == (0, -1)
+  assert list(r) == list(results.COLUMNS)

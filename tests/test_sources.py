@@ -124,3 +124,28 @@ def test_tfds_source(tmp_path):
     sources.open_source(f"tfds:dualjax_tiny_text@{tmp_path / 'tfds'}#body")
   with pytest.raises(sources.SourceError, match="TFDS dataset not found"):
     sources.open_source(f"tfds:no_such_dataset_xyz@{tmp_path / 'tfds'}")
+
+
+def test_text_field_for_every_structured_kind(tmp_path):
+  (tmp_path / "c.jsonl").write_text('{"content": "c1", "text": "t1"}\n{"content": "c2", "text": "t2"}\n')
+  pq.write_table(pa.table({"body": ["b1", "b2"], "text": ["x1", "x2"]}), tmp_path / "b.parquet")
+  (tmp_path / "a.txt").write_text("plain")
+  c, b = tmp_path / "c.jsonl", tmp_path / "b.parquet"
+  assert _texts(str(c)) == ["t1", "t2"]  # default field: text
+  docs = sources.open_source(str(c), text_field="content").documents()
+  assert [t for _, t, _ in docs] == ["c1", "c2"]
+  assert _texts(f"{c}#content,{b}#body,{tmp_path / 'a.txt'}") == ["c1", "c2", "b1", "b2", "plain"]
+  assert sources.open_source(f"{c}#content").fingerprint() != sources.open_source(str(c)).fingerprint()
+  # A plain-text source does not change with data.text_field.
+  a = str(tmp_path / "a.txt")
+  assert sources.open_source(a, "body").fingerprint() == sources.open_source(a).fingerprint()
+  with pytest.raises(sources.SourceError, match=r"a\.txt#x: plain text files have no fields"):
+    sources.open_source(f"{a}#x")
+  with pytest.raises(sources.SourceError, match="the embedded corpus has no fields"):
+    sources.open_source("embedded#text")
+  with pytest.raises(sources.SourceError, match=r"c\.jsonl:1: no string field 'nope'"):
+    _texts(f"{c}#nope")
+  with pytest.raises(sources.SourceError, match=r"b\.parquet: no column 'nope'"):
+    _texts(f"{b}#nope")
+  with pytest.raises(sources.SourceError, match="data.text_field is empty"):
+    sources.open_source(str(c), text_field="")

@@ -24,6 +24,7 @@ from dualjax import trained
 from dualjax import workdir as workdir_lib
 from dualjax.errors import ConfigError
 from dualjax.evaluation import suite
+from test_metrics import read_events, scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "rep32.py") + ":tiny"   # lam = 1/2: both objectives
@@ -107,8 +108,22 @@ def test_reference_run_outputs(reference_run):
   assert sorted(losses) == list(range(1, 61))
   val = metrics_lib.read_metrics(wd, "val")
   assert sorted(val) == [0, 20, 40, 60]
-  assert {"ar_loss", "mdm_loss", "ar_overfitting", "mdm_overfitting"} <= set(val[60])
+  assert {"ar_loss", "mdm_loss", "ar_overfitting", "mdm_overfitting", "ar_overfit_step",
+          "mdm_overfit_step", "val_tokens"} <= set(val[60])
   assert val[60]["ar_loss"] < val[0]["ar_loss"] and val[60]["mdm_loss"] < val[0]["mdm_loss"]
+  # Logs (issue 13 item 19, issue 12): lr, step time, tokens/s, ETA in plain lines; compile line;
+  # no MFU where the peak is unknown (CPU); the flags and hyper-parameters in TensorBoard.
+  assert "compiling the training step (step 1)…" in r.stdout
+  line = next(l for l in r.stdout.splitlines() if l.startswith("step 30/60 "))
+  assert re.fullmatch(r"step 30/60 loss [\d.]+ ar_loss [\d.]+ mdm_loss [\d.]+ lr [\d.e-]+ "
+                      r"[\d.]+ ms/step tok/s [\d,]+ ETA \d+:\d\d:\d\d", line), line
+  train = metrics_lib.read_metrics(wd, "train")
+  compiled = float(re.search(r"compiled in ([\d.]+) s", r.stdout)[1])
+  assert train[1]["step_time_s"] < compiled / 2  # step 1's time leaves its compilation out
+  assert train[30]["lr"] > 0 and "mfu" not in train[30]
+  assert scalars(wd / "tensorboard", "val/ar_overfitting") == [(20, 0.0), (40, 0.0), (60, 0.0)]
+  assert "hparams" in {v.metadata.plugin_data.plugin_name for e in read_events(wd / "tensorboard")
+                       if e.HasField("summary") for v in e.summary.value}
   assert ckpt_lib.Checkpointer(wd, every=5, keep=2).manager.all_steps() == [55, 60]
   assert (wd / "tensorboard").is_dir() and (wd / "tokenizer.model").is_file()
   assert "lam 0.5 = 4/8 AR cells" in r.stdout + r.stderr
@@ -149,6 +164,29 @@ def test_sigterm_then_sigkill_resume_reproduces_the_uninterrupted_run(
     got_v, ref_v = (metrics_lib.read_metrics(d, "val")[s] for d in (wd, reference_run[0]))
     assert {k: v for k, v in got_v.items() if k != "time"} == \
         {k: v for k, v in ref_v.items() if k != "time"}
+
+
+def test_stop_at_then_resume_equals_the_uninterrupted_run(
+    embedded_prepared, reference_run, tmp_path):  # noqa: F811
+  """train.stop_at ends a start at step N with a checkpoint; the schedule and unique subset still
+  follow train.steps, so resuming without it reproduces the uninterrupted run bit for bit."""
+  wd = tmp_path / "stopped"
+  r = _run(_args(embedded_prepared, wd) + ["--config.train.stop_at=23"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "stopped at step 23 (train.stop_at)" in r.stdout and _last_step(wd) == 23
+  assert ckpt_lib.Checkpointer(wd, every=5, keep=2).latest_step() == 23
+  r = _run(_args(embedded_prepared, wd) + ["--config.train.stop_at=10"])  # already past it
+  assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr[-3000:]
+  r = _run(_args(embedded_prepared, wd))
+  assert r.returncode == 0 and "resumed from step 23" in r.stderr, r.stderr[-3000:]
+  ref = reference_run[0]
+  assert _losses(wd) == _losses(ref)
+  for s in (0, 20, 40, 60):
+    got_v, ref_v = (metrics_lib.read_metrics(d, "val")[s] for d in (wd, ref))
+    assert {k: v for k, v in got_v.items() if k != "time"} == \
+        {k: v for k, v in ref_v.items() if k != "time"}
+  r = _run(_args(embedded_prepared, wd) + ["--config.train.stop_at=61"])
+  assert r.returncode == 2 and "train.stop_at=61 must be in [0, train.steps=60]" in r.stderr
 
 
 def _free_port() -> int:
