@@ -233,9 +233,11 @@ def calibrate_flops(cfg: ml_collections.ConfigDict) -> dict[str, float]:
   for n in (2, 3):
     c = dataclasses.replace(mc, num_layers=n, scan_layers=False, remat="none",
                             attention_impl="xla", head_chunk=0)  # no loops: all counted
-    ar_vg, _ = step_lib.objective_grads(c, ar_loss_scale=1.0, z_loss=0.0)
-    fn = jax.jit(lambda p, b: ar_vg(p, b, jnp.zeros((1,), jnp.uint32))[1])
+    only_ar = split_lib.ObjectiveSplit(replicas=1, microsteps=1, n_ar=1)
+    ar_vg, _ = step_lib.objective_grads(c, only_ar, ar_loss_scale=1.0, z_loss=0.0)
+    fn = jax.jit(lambda p, b: ar_vg(p, b, jax.random.key(0), jnp.float32(rows * L))[1])
     batch = {k: jax.ShapeDtypeStruct((rows, L + 1), jnp.int32) for k in ("tokens", "segment_ids")}
+    batch["rows"] = jax.ShapeDtypeStruct((rows,), jnp.int32)
     cost = fn.lower(model_lib.abstract_params(c), batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     costs[n] = float(cost["flops"])

@@ -77,16 +77,23 @@ def model_token_losses(params: Any, inputs_BxL: jax.Array, seg_BxL: jax.Array,
 
 
 def ar_loss(params: Any, batch: Batch, *, cfg: model_lib.ModelConfig,
-            z_loss: float = 1e-4, num_cells: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+            z_loss: float = 1e-4, num_cells: int = 1, normalizer: jax.Array | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Causal next-token loss: mean CE over scorable targets + z_loss * mean lse^2.
 
   With `num_cells` > 1 the rows form that many equal consecutive cells; the loss is the mean over
-  cells of each cell's own loss (what separate devices would average).
+  cells of each cell's own loss (what separate devices would average). With `normalizer`, the
+  sums over these rows divided by it (a part of a mean over more rows: the trainer's step).
   """
   inputs_BxL, seg_BxL, targets_BxL, scorable_BxL = split_batch(batch)
   ce_BxL, lse_BxL = model_token_losses(params, inputs_BxL, seg_BxL, targets_BxL, cfg=cfg,
                                        mode="causal")
   B, L = targets_BxL.shape
+  if normalizer is not None:
+    w_BxL = scorable_BxL.astype(jnp.float32)
+    ce = (w_BxL * ce_BxL).sum() / normalizer
+    z = z_loss * (w_BxL * lse_BxL ** 2).sum() / normalizer
+    return ce + z, {"ce": ce, "z_loss": z, "num_scored": w_BxL.sum()}
   if B % num_cells:
     raise ValueError(f"{B} rows do not split into num_cells={num_cells} equal cells")
   w_CxN = scorable_BxL.astype(jnp.float32).reshape(num_cells, -1)
@@ -145,28 +152,33 @@ def mdm_corrupt(key: jax.Array, inputs_BxL: jax.Array, scorable_BxL: jax.Array
 
 def mdm_loss_from_corruption(params: Any, batch: Batch, masked_inputs_BxL: jax.Array,
                              weights_BxL: jax.Array, *, cfg: model_lib.ModelConfig,
-                             z_loss: float = 1e-4) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """MDM loss for a given corruption: sum(w * ce) / (B L) + z_loss * sum(w * lse^2) / (B L)."""
+                             z_loss: float = 1e-4, normalizer: Any = None
+                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MDM loss for a given corruption: sum(w * ce) / (B L) + z_loss * sum(w * lse^2) / (B L)
+  (`normalizer` instead of B L when given)."""
   _, seg_BxL, targets_BxL, _ = split_batch(batch)
   B, L = targets_BxL.shape
+  norm = B * L if normalizer is None else normalizer
   ce_BxL, lse_BxL = model_token_losses(params, masked_inputs_BxL, seg_BxL, targets_BxL, cfg=cfg,
                                        mode="bidirectional")
-  ce = (weights_BxL * ce_BxL).sum() / (B * L)
-  z = z_loss * (weights_BxL * lse_BxL ** 2).sum() / (B * L)
+  ce = (weights_BxL * ce_BxL).sum() / norm
+  z = z_loss * (weights_BxL * lse_BxL ** 2).sum() / norm
   return ce + z, {"ce": ce, "z_loss": z, "num_scored": (weights_BxL > 0).sum().astype(jnp.float32)}
 
 
 def mdm_loss(params: Any, batch: Batch, key: jax.Array, *, cfg: model_lib.ModelConfig,
-             z_loss: float = 1e-4) -> tuple[jax.Array, dict[str, jax.Array]]:
+             z_loss: float = 1e-4, normalizer: Any = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked-diffusion NELBO estimate with noise from `key` (bidirectional attention).
 
-  `key` may be keys[C]: C equal cells of rows with their own noise (see `mdm_corrupt`); the
-  loss, normalised by B*L, is then the mean of the cells' losses.
+  `key` may be keys[C]: C equal cells of rows with their own noise (see `mdm_corrupt`; one key
+  per row: each row's noise its own); the loss, normalised by B*L (or `normalizer`), is then the
+  mean of the cells' losses.
   """
   inputs_BxL, _, _, scorable_BxL = split_batch(batch)
   masked_BxL, w_BxL, aux = mdm_corrupt(key, inputs_BxL, scorable_BxL)
   loss, metrics = mdm_loss_from_corruption(params, batch, masked_BxL, w_BxL, cfg=cfg,
-                                           z_loss=z_loss)
+                                           z_loss=z_loss, normalizer=normalizer)
   metrics["mask_rate"] = aux["masked_BxL"].mean()
   return loss, metrics
 

@@ -255,7 +255,9 @@ def test_read_only_workdir_is_one_line(embedded_prepared, tmp_path):  # noqa: F8
 def test_full_disk_during_an_async_save_is_one_line_and_keeps_the_last_good_checkpoint(
     embedded_prepared, tmp_path):  # noqa: F811
   disk, keep = tmp_path / "disk", tmp_path / "copy"
-  args = " ".join(f"'{a}'" for a in _args(embedded_prepared, disk / "run", **{"log.val_every": 0}))
+  every = 20  # room for the asynchronous write to end well before the next save on a loaded box
+  args = " ".join(f"'{a}'" for a in _args(embedded_prepared, disk / "run", **{
+      "log.val_every": 0, "checkpoint.every": every}))
   # ~1.4 MB: the run files and one ~0.97 MB checkpoint fit, the second does not.
   r = _in_tmpfs(disk, "1400k", f"{sys.executable} -m dualjax.main {args}; rc=$?; "
                 f"cp -a {disk / 'run'} {keep}; exit $rc")
@@ -268,9 +270,9 @@ def test_full_disk_during_an_async_save_is_one_line_and_keeps_the_last_good_chec
                    err[-1])
   assert m, err[-1]
   failed, need, good = int(m.group(1)), int(m.group(2).replace(",", "")), int(m.group(4))
-  assert need > 500_000 and good == failed - 5
-  # Detected within a few steps of the failure, not at the next save.
-  assert _last_step(keep) < failed + 5
+  assert need > 500_000 and good == failed - every
+  # Detected while training goes on after the failure, not at the next save.
+  assert _last_step(keep) < failed + every - 1
   t = trained.load(keep)  # the last good checkpoint restores
   assert t.step == good
 
