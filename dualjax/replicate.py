@@ -440,14 +440,27 @@ def markdown(s: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the figure
 
 
-def _color(lam: float):
-  return matplotlib.colormaps["plasma"](0.85 * (1.0 - lam))
+DUAL_COLORS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+
+
+def colors(lams: Sequence[float]) -> dict[float, str]:
+  """AR-only red, MDM-only blue, the dual lams (largest first) in distinct colours."""
+  duals = sorted({lam for lam in lams if 0.0 < lam < 1.0}, reverse=True)
+  out = {1.0: "tab:red", 0.0: "tab:blue"}
+  out.update({lam: DUAL_COLORS[i % len(DUAL_COLORS)] for i, lam in enumerate(duals)})
+  return out
 
 
 def figure(curves: Sequence[inputs.Curve], rs: Sequence[int], path: pathlib.Path) -> pathlib.Path:
-  """Rows: r; columns: held-out AR loss, MDM NELBO; one line per lambda, its minimum marked."""
+  """Rows: r; columns: held-out AR loss, MDM NELBO; one line per lambda, its minimum marked.
+
+  The y range of a panel covers the runs trained on its objective (lam > 0 for AR, lam < 1 for
+  MDM) after the first tenth of training (and a margin above); the other single-objective run
+  (dotted) may leave the frame.
+  """
   fig = mpl_figure.Figure(figsize=(8.4, 2.9 * len(rs)), layout="constrained")
   axes = fig.subplots(len(rs), 2, squeeze=False)
+  color = colors([c.lam for c in curves])
   for row, r in zip(axes, rs):
     sel = sorted((c for c in curves if c.r == r), key=lambda c: -c.lam)
     for j, (ax, kind) in enumerate(zip(row, KINDS)):
@@ -457,21 +470,25 @@ def figure(curves: Sequence[inputs.Curve], rs: Sequence[int], path: pathlib.Path
         ok = np.isfinite(v)
         if not ok.any():
           continue
-        ax.plot(c.step[ok], v[ok], color=_color(c.lam), lw=1.4, label=f"λ = {_lam(c.lam)}")
+        trained = c.lam > 0.0 if kind == "ar" else c.lam < 1.0
+        ax.plot(c.step[ok], v[ok], color=color[c.lam], lw=1.6 if trained else 1.0,
+                ls="-" if trained else ":", label=f"λ = {_lam(c.lam)}")
         i = np.flatnonzero(ok)[np.argmin(v[ok])]
-        ax.plot(c.step[i], v[i], "o", mfc="none", mec=_color(c.lam), ms=6)
-        shown.append(v[ok][c.step[ok] >= 0.1 * c.step[ok].max()])
-      if shown:  # the y range of the curves after the first tenth of training
+        ax.plot(c.step[i], v[i], "o", mfc="none", mec=color[c.lam], ms=7)
+        if trained:
+          shown.append(v[ok][c.step[ok] >= 0.1 * c.step[ok].max()])
+      if shown:
         vals = np.concatenate(shown)
         lo, hi = float(vals.min()), float(vals.max())
         pad = 0.06 * max(hi - lo, 1e-3)
-        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + 4 * pad)
       ax.set_title(f"{KIND_NAME[kind]}, r = {r}", fontsize=9)
       ax.set_xlabel("step")
       ax.grid(alpha=0.3)
       if j == 0:
         ax.legend(fontsize=7)
-  fig.suptitle("validation curves (circle: minimum of each curve)", fontsize=9)
+  fig.suptitle("validation curves (circle: minimum of each curve; dotted: the objective the run "
+               "was not trained on)", fontsize=9)
   fig.savefig(path, dpi=90)
   return path
 
