@@ -189,8 +189,9 @@ def test_cli_draws_and_summarises_finished_runs_without_training(tmp_path, capsy
   assert md.count("**holds**") == 5 and "r32_lam0.5_s42" in md
 
 
-def _run_cli(args, timeout=60):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def _run_cli(args, timeout=60, **extra_env):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             **extra_env)
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   return subprocess.run([sys.executable, "-m", "dualjax.replicate", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, check=False)
@@ -232,12 +233,7 @@ def test_shortened_replication_end_to_end(tmp_path):
   cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-  os.environ.update(cache)
-  try:
-    r = _run_cli([f"--config={CONFIG}:test", f"--out={out}"], timeout=600)
-  finally:
-    for k in cache:
-      os.environ.pop(k)
+  r = _run_cli([f"--config={CONFIG}:test", f"--out={out}"], timeout=600, **cache)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.count("training (") == 6
   s = json.loads((out / "summary.json").read_text())
@@ -258,6 +254,6 @@ def test_shortened_replication_end_to_end(tmp_path):
   assert v["ar_overfits"]["holds"] == (ar1["final_ar"] > ar1["best_ar"] * 1.02)
   assert all(b["holds"] in (True, False) for b in s["behaviours"])
   assert (out / "replication.png").stat().st_size > 10_000 and (out / "summary.md").is_file()
-  r = _run_cli([f"--config={CONFIG}:test", f"--out={out}"], timeout=120)
+  r = _run_cli([f"--config={CONFIG}:test", f"--out={out}"], timeout=120, **cache)
   assert r.returncode == 0 and r.stdout.count("finished, skipped") == 6 and "training (" not in r.stdout
   assert math.isfinite(json.loads((out / "summary.json").read_text())["runs_wall_s"])
