@@ -76,10 +76,74 @@ def test_pll_best_headline_and_markdown():
   assert res["tasks"]["piqa"]["modes"]["pll"]["source"] == "pll6"
   assert res["tasks"]["csqa"]["modes"]["pll"]["source"] == "pll1"
   metrics.add_headline(res)
-  assert res["headline"]["ar"] == {"score": 37.5, "num_tasks": 2, "complete": False}
+  # These hand-made rows carry no standard errors: the headline's is unknown.
+  assert res["headline"]["ar"] == {"score": 37.5, "num_tasks": 2, "complete": False,
+                                   "score_stderr": None}
   assert res["headline"]["pll"]["score"] == pytest.approx(35.0)  # mean(40, 30)
   md = metrics.to_markdown(res)
   assert "| mode | CSQA | PIQA | Average |" in md
-  assert "| ar | 25.0 | 50.0 | 37.5 |" in md
-  assert "| pll | 30.0 | 40.0 | 35.0 |" in md
+  assert "| ar | 25.0 | 50.0 | 37.5 ± – |" in md
+  assert "| pll | 30.0 | 40.0 | 35.0 ± – |" in md
+  assert "| PIQA | pll (pll6) | – | 0.7000 | – | 40.0 | – |" in md
   assert "step 123" in md
+
+
+# ----- standard errors: an independent derivation -----------------------------------------------
+# For 0/1 credits with mean p over n items the sample variance (ddof 1) is n·p(1−p)/(n−1), so the
+# standard error of the mean is √(p(1−p)/(n−1)).
+
+
+def _binary_se(p, n):
+  return np.sqrt(p * (1 - p) / (n - 1))
+
+
+def test_mean_stderr_of_binary_credits():
+  rng = np.random.default_rng(0)
+  for n in (2, 7, 1000):
+    x = (rng.random(n) < 0.3).astype(float)
+    assert metrics.mean_stderr(x) == pytest.approx(_binary_se(x.mean(), n), rel=1e-12)
+  assert metrics.mean_stderr([1.0]) is None and metrics.mean_stderr([]) is None
+  # Tie credits (1/m) are ordinary values: float64 two-pass variance by hand.
+  x = np.array([1, 0, 0.5, 1 / 3, 1, 0])
+  mu = sum(x) / 6
+  assert metrics.mean_stderr(x) == pytest.approx(
+      (sum((v - mu) ** 2 for v in x) / 5) ** 0.5 / 6 ** 0.5, rel=1e-12)
+
+
+def test_stderr_matches_lm_eval():
+  lm = pytest.importorskip("lm_eval.api.metrics", reason="lm-eval is not installed")
+  rng = np.random.default_rng(1)
+  x = (rng.random(50) < 0.6).astype(float)
+  assert metrics.mean_stderr(x) == pytest.approx(lm.mean_stderr(list(x)), rel=1e-12)
+  exs, acc = [], []
+  for k, (n, p) in enumerate([(10, 0.3), (4, 0.5), (25, 0.8)]):
+    ones = round(n * p)
+    exs += [_ex("mmlu", 0, 4, f"s{k}")] * n
+    acc += [1.0] * ones + [0.0] * (n - ones)
+  ses = [_binary_se(round(n * p) / n, n) for n, p in [(10, 0.3), (4, 0.5), (25, 0.8)]]
+  want = np.sqrt(sum(s * s for s in ses)) / 3
+  assert metrics.task_stderr("mmlu", exs, acc) == pytest.approx(want, rel=1e-12)
+  assert metrics.task_stderr("mmlu", exs, acc) == pytest.approx(
+      lm.unweighted_mean_stderr(ses), rel=1e-12)
+  # A non-macro task: the plain item standard error over all 39 items.
+  assert metrics.task_stderr("piqa", exs, acc) == pytest.approx(
+      _binary_se(np.mean(acc), 39), rel=1e-12)
+  # A sub-task with one item has no standard error, hence neither has the macro average.
+  assert metrics.task_stderr("mmlu", exs + [_ex("mmlu", 0, 4, "lone")], acc + [1.0]) is None
+
+
+def test_summarise_reports_n_and_score_stderr():
+  exs = [Example("arc_easy", "", str(i), {}, ("a", "b", "c", "d"), 0) for i in range(8)]
+  acc = np.array([1, 1, 1, 0, 0, 0, 0, 0.5])
+  out = metrics.summarise("arc_easy", exs, acc)
+  se = np.std(acc, ddof=1) / np.sqrt(8)
+  assert out["n"] == 8 and out["acc"] == pytest.approx(3.5 / 8)
+  assert out["acc_stderr"] == pytest.approx(se)
+  assert out["score_stderr"] == pytest.approx(100 * se / 0.75)  # chance 1/4
+  res = {"tasks": {"arc_easy": {"modes": {"ar": out}},
+                   "piqa": {"modes": {"ar": {"acc": 0.5, "score": 0.0, "score_stderr": 3.0}}}}}
+  metrics.add_headline(res)
+  h = res["headline"]["ar"]
+  assert h["score_stderr"] == pytest.approx(np.hypot(100 * se / 0.75, 3.0) / 2)
+  md = metrics.to_markdown(res)
+  assert f"| ARC-E | ar | 8 | 0.4375 | {se:.4f} | {out['score']:.1f} | {100 * se / 0.75:.1f} |" in md

@@ -153,6 +153,26 @@ def test_batched_mode_equals_naive(tiny, requests, mode):
   assert scorer._fns[scoring.attention_kind(scoring.parse_mode(mode)[0])]._cache_size() <= 3
 
 
+@pytest.mark.parametrize("mode", ["ar", "pll1", "mc"])
+def test_score_tokens_sum_to_the_score(tiny, requests, mode):
+  """Per-token values sum to each request's log-likelihood; in 'ar' each is the naive float64
+  log p(c_i | <s> ctx c_<i)."""
+  cfg, params = tiny
+  scorer = scoring.Scorer(params, cfg, row_len=32, batch_tokens=512)
+  total = scorer.score(requests, mode, mc_grid_size=4, mc_seed=3)
+  got, per_token = scorer.score_tokens(requests, mode, mc_grid_size=4, mc_seed=3)
+  np.testing.assert_array_equal(got, total)
+  assert [len(p) for p in per_token] == [len(r.comp) for r in requests]
+  np.testing.assert_allclose([p.sum() for p in per_token], total, rtol=1e-12, atol=1e-9)
+  if mode == "ar":
+    for r, p in zip(requests[:4], per_token):
+      seq, c = [BOS, *r.ctx, *r.comp], len(r.ctx)
+      lp = _logp(cfg, params, seq[:-1], "causal")
+      np.testing.assert_allclose(p, [lp[c + i, seq[c + 1 + i]] for i in range(len(r.comp))],
+                                 rtol=2e-5, atol=2e-5)
+  assert all((p <= 1e-6).all() for p in per_token)  # log-probabilities (mc: weighted sums)
+
+
 def test_prefix_differs_from_ar_with_context(tiny, requests):
   cfg, params = tiny
   scorer = scoring.Scorer(params, cfg, row_len=64)

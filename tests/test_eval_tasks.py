@@ -3,8 +3,10 @@
 import bz2
 import collections
 import dataclasses
+import hashlib
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -113,17 +115,97 @@ def test_hellaswag_original_jsonl_layout(tmp_path):
       "Removing ice from car: Then, the man writes over the snow covering the window of a car, and"
       " a woman wearing winter clothes smiles. Then")
   assert ex[0].choices[3] == ", the man continues removing the snow on his car." and ex[0].gold == 3
-  # lm-eval: " [title]" -> ". ", other [markup] removed, double spaces collapsed, strip; ctx_b
-  # capitalised with str.capitalize (rest lower-cased).
+  # OLMES: " [title]" -> ". ", other [markup] removed, double spaces collapsed, strip first;
+  # ctx_b capitalised with str.capitalize (rest lower-cased).
   assert ex[1].fields["query"] == (
       "Personal Care and Style: How to dye your hair. Choose a color. Think about What color you"
       " want.")
-  # (lm-eval strips before removing markup, so a leading "[substeps] " leaves a space.)
+  # (OLMES strips before removing markup, so a leading "[substeps] " leaves a space.)
   assert ex[1].choices == (" Pick. a shade.", "b", "c", "d e") and ex[1].gold == 0
   # load_hellaswag prefers the original file when present.
   (tmp_path / "hellaswag").mkdir()
   path.rename(tmp_path / "hellaswag" / "hellaswag_val.jsonl")
   assert len(tasks.load_hellaswag(tmp_path)) == 2
+
+
+# OLMES' HellaSwag clean-up on hand-written strings; each expected output was worked out by
+# hand from the rules: strip; "." optional + " [title]" -> ". "; every [...] removed; "  " -> " ".
+@pytest.mark.parametrize("raw,want", [
+    ("Done. [title] Next step.", "Done. Next step."),         # lm-eval would give "Done.. Next"
+    ("Done [title] Next", "Done. Next"),
+    ("Done! [title] Next", "Done!. Next"),                     # only "." is absorbed
+    ("[title] Write it. [step] Then go.", " Write it. Then go."),  # strip came first
+    ("  Pick one [step]  ", "Pick one "),
+    ("See [www.kiddio.org] for games.", "See for games."),     # every bracket pair goes
+    ("a [b [c] d] e", "a d] e"),                               # non-greedy, no nesting
+    ("x.. [title] y", "x.. y"),                                # one "." absorbed, not two
+    ("plain text", "plain text"),
+    ("four    spaces", "four  spaces"),                        # one pass of "  " -> " "
+])
+def test_hellaswag_preprocess_hand_written(raw, want):
+  assert tasks.hellaswag_preprocess(raw) == want
+
+
+def test_hellaswag_jsonl_olmes_query(tmp_path):
+  row = {"ind": 7, "activity_label": "Home and Garden", "label": "2",
+         "ctx_a": "[header] How to plant a tree [title] Dig a hole. [title] Water it.",
+         "ctx_b": "then PLANT the tree",
+         "endings": ["[step] Wait.", "Leave. [title] Come back.", "x [y] z", "[substeps] Go"]}
+  ex = tasks.load_hellaswag_jsonl(pathlib.Path(_jsonl(tmp_path / "hellaswag_val.jsonl", [row])))[0]
+  # "[header] How..." -> "Home and Garden: [header] How to plant a tree. Dig a hole. Water it.
+  # Then plant the tree" -> tags removed -> one double space collapsed.
+  assert ex.fields["query"] == ("Home and Garden: How to plant a tree. Dig a hole. Water it. "
+                                "Then plant the tree")
+  assert ex.choices == (" Wait.", "Leave. Come back.", "x z", " Go") and ex.gold == 2
+  assert ex.uid == "7"
+
+
+def _hellaswag_text_lines(eval_data_dir):
+  path = eval_data_dir / "hellaswag" / tasks.HELLASWAG_TEXT
+  return bz2.open(path, "rt", encoding="utf-8").read().split("\n")[:-1]
+
+
+def test_hellaswag_text_fallback_differences_as_stated(eval_data_dir):
+  """The counts HELLASWAG_TEXT_DIFFERENCES (and `evaluate --help`) state, measured on the real
+  text file; and that the fallback reads it as it is."""
+  lines = _hellaswag_text_lines(eval_data_dir)
+  items = [lines[i:i + 6] for i in range(0, len(lines), 6)]
+  assert len(items) == 10042
+  ctx = [it[0] for it in items]
+  ends = [e for it in items for e in it[2:]]
+  # ActivityNet contexts end in ctx_b, a fragment OLMES capitalises.
+  low = sum(bool(re.search(r"[.!?] [a-z][^.!?]*$", c)) for c in ctx)
+  dots = (sum(".. " in c for c in ctx), sum(".. " in e for e in ends))
+  brackets = sum("[" in l for l in ctx + ends)
+  edge_space = sum(l != l.strip() for l in ctx + ends)
+  assert (low, dots, brackets, edge_space) == (3236, (778, 4151), 18, 0)
+  note = tasks.HELLASWAG_TEXT_DIFFERENCES
+  for n in ("3,236", "778 contexts", "4,151 endings", "18 lines"):
+    assert n in note
+  got = tasks.load_hellaswag(eval_data_dir)
+  assert [e.fields["query"] for e in got[:50]] == ctx[:50]
+  assert [e.choices for e in got[:50]] == [tuple(it[2:]) for it in items[:50]]
+  assert [e.gold for e in got] == [int(it[1]) for it in items]
+  # Its first item: ctx_b "he" stays lower-case (OLMES: "He").
+  assert got[0].fields["query"] == "Roof shingle removal: A man is sitting on a roof. he"
+
+
+def test_hellaswag_original_jsonl_matches_the_text_file(eval_data_dir):
+  """With the original release beside the text file: OLMES prompts, same items and labels, and
+  every context equal to the text file's once the stated differences are undone."""
+  jsonl = eval_data_dir / "hellaswag" / tasks.HELLASWAG_JSONL
+  if not jsonl.is_file():
+    pytest.skip(f"{jsonl} is absent (eval-data/README.md: the original jsonl could not be "
+                "obtained offline); the OLMES path is tested on hand-written rows")
+  assert hashlib.sha256(jsonl.read_bytes()).hexdigest() == (
+      "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588")
+  got = tasks.load_hellaswag(eval_data_dir)
+  lines = _hellaswag_text_lines(eval_data_dir)
+  assert len(got) == len(lines) // 6 == 10042
+  assert [e.gold for e in got] == [int(lines[6 * i + 1]) for i in range(len(got))]
+  same = sum(e.fields["query"].lower().replace(".. ", ". ").strip()
+             == lines[6 * i].lower().replace(".. ", ". ").strip() for i, e in enumerate(got))
+  assert same >= 0.99 * len(got)
 
 
 def _write(path, text):

@@ -292,6 +292,18 @@ class Scorer:
   def score(self, requests: Sequence[Request], mode: str, *, mc_grid_size: int = 32,
             mc_seed: int = 0) -> np.ndarray:
     """float64[R]: each request's log-likelihood estimate of its completion in `mode`."""
+    return self._score(requests, mode, mc_grid_size, mc_seed, per_token=False)[0]
+
+  def score_tokens(self, requests: Sequence[Request], mode: str, *, mc_grid_size: int = 32,
+                   mc_seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`score` and, per request, float64[n] per completion token: its log-probability (ar,
+    prefix, pll<k>) or its share of the estimate (mc: Σ_g w_g·log p over the grid points where
+    it is masked); each request's values sum to its score. n counts the completion tokens kept
+    by `fit`. Costs one index array per batch more than `score`."""
+    return self._score(requests, mode, mc_grid_size, mc_seed, per_token=True)
+
+  def _score(self, requests: Sequence[Request], mode: str, mc_grid_size: int, mc_seed: int,
+             per_token: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
     kind, k = parse_mode(mode)
     reqs = [fit(r, self.max_len) for r in requests]
     masks = [mc_masks(r, mc_grid_size, mc_seed) for r in reqs] if kind == "mc" else None
@@ -300,6 +312,10 @@ class Scorer:
     pk = packing.pack(units.length, self.row_len, self.max_len)
     seqs: dict[int, np.ndarray] = {}
     scores = np.zeros(len(reqs), np.float64)
+    if per_token:  # Completion token i of request r is entry first[r] + i.
+      n = np.array([len(r.comp) for r in reqs], np.int64)
+      first = np.cumsum(n) - n
+      tokens = np.zeros(int(n.sum()), np.float64)
     fn = self._fn(attention_kind(kind))
     self.stats["units"] += len(units.length)
     self.stats["unit_tokens"] += int(units.length.sum())
@@ -312,7 +328,7 @@ class Scorer:
         seg = np.zeros((nb, bucket), np.int32)
         bidir = np.zeros((nb, bucket), bool)
         tgt = np.zeros((nb, bucket), np.int32)
-        flat, req_ids, weights = [], [], []
+        flat, req_ids, weights, tok_ids = [], [], [], []
         for b, row in enumerate(rows[b0:b0 + nb]):
           for s, u in enumerate(row, 1):
             r = int(units.req[u])
@@ -326,19 +342,27 @@ class Scorer:
             flat.append(b * bucket + pos)
             req_ids.append(np.full(len(pos), r))
             weights.append(w)
+            if per_token:  # Every mode scores completion token i at row position off + c + i.
+              tok_ids.append(first[r] + pos - (off + len(reqs[r].ctx)))
         out = fn(self.params, *(jax.device_put(a, self.data_sharding)
                                 for a in (tok, seg, bidir, tgt)))
         self.stats["row_tokens"] += nb * bucket
         self.stats["calls"] += 1
         if pending is not None:
           self._consume(scores, *pending)
-        pending = (out, np.concatenate(flat), np.concatenate(req_ids), np.concatenate(weights))
+        pending = (out, np.concatenate(flat), np.concatenate(req_ids), np.concatenate(weights),
+                   (tokens, np.concatenate(tok_ids)) if per_token else None)
     if pending is not None:
       self._consume(scores, *pending)
-    return scores
+    if not per_token:
+      return scores, None
+    return scores, [tokens[f:f + m] for f, m in zip(first, n)]
 
   @staticmethod
   def _consume(scores: np.ndarray, out: jax.Array, flat: np.ndarray, req_ids: np.ndarray,
-               weights: np.ndarray) -> None:
-    logp = np.asarray(out, np.float64).reshape(-1)[flat]
-    scores += np.bincount(req_ids, weights=weights * logp, minlength=len(scores))
+               weights: np.ndarray, tokens: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    wlogp = weights * np.asarray(out, np.float64).reshape(-1)[flat]
+    scores += np.bincount(req_ids, weights=wlogp, minlength=len(scores))
+    if tokens is not None:
+      per_token, tok_ids = tokens
+      np.add.at(per_token, tok_ids, wlogp)

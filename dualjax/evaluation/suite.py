@@ -3,8 +3,10 @@
 `evaluate(params, model_cfg, tokenizer, tasks, modes, ...)` loads and validates every task,
 builds the unique (context, completion) requests, scores them in each mode with a `Scorer`
 (reusable across calls: its compiled functions are kept; `<s>` and `<mask>` are the tokenizer's
-ids) and summarises per task, mode and sub-task with the headline means. `write_results` writes
-the JSON and a Markdown table. Settings (`EvalSettings`) are the `eval` section of a run config;
+ids) and summarises per task, mode and sub-task (accuracy, normalised score, standard errors, item
+count) with the headline means; `on_sample` receives one record per (item, choice) request
+(`sample_records`; `SampleLog` writes them as JSONL). `write_results` writes the JSON and a
+Markdown table. Settings (`EvalSettings`) are the `eval` section of a run config;
 `--config.eval.X` means the same in training and in `python -m dualjax.evaluate`.
 """
 
@@ -13,7 +15,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -100,6 +102,7 @@ def expand_modes(modes: Sequence[str]) -> list[str]:
 @dataclasses.dataclass
 class _TaskRequests:
   examples: list[tasks_lib.Example]
+  contexts: list[str]
   completions: list[list[str]]
   cond: list[np.ndarray]  # Request indices per example (one per choice).
   uncond: list[np.ndarray] | None  # PMI: request indices with the "Answer:" context.
@@ -122,14 +125,15 @@ def build_requests(examples: dict[str, list[tasks_lib.Example]], tokenizer: Any,
   per_task = {}
   for task, exs in examples.items():
     pmi = metrics.NORMALISATION[task] == "pmi"
-    comps, cond, uncond = [], [], []
+    ctxs, comps, cond, uncond = [], [], [], []
     for ex in exs:
       ctx, cs = prompts.render(ex, mmlu_header)
+      ctxs.append(ctx)
       comps.append(cs)
       cond.append(np.array([get(ctx, c) for c in cs]))
       if pmi:
         uncond.append(np.array([get(prompts.UNCONDITIONAL_CONTEXT, c) for c in cs]))
-    per_task[task] = _TaskRequests(exs, comps, cond, uncond if pmi else None)
+    per_task[task] = _TaskRequests(exs, ctxs, comps, cond, uncond if pmi else None)
   return requests, per_task
 
 
@@ -152,11 +156,13 @@ def evaluate(params: Any, model_cfg: Any, tokenizer: Any,
              step: int | None = None, checkpoint: str | None = None,
              mmlu_header: str = EvalSettings.mmlu_header,
              apply_fn: Callable[..., Any] | None = None, scorer: scoring.Scorer | None = None,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None,
+             on_sample: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
   """Scores `tasks` in `modes` and returns the results dict (see module docstring).
 
   `scorer`: a Scorer to reuse (its mesh, row length and compiled functions; `params` replace its
-  parameters); default a new one.
+  parameters); default a new one. `on_sample`: called with every `sample_records` record (the
+  per-token log-probabilities are kept only then).
   """
   mode_list = expand_modes(modes)
   examples = load_examples(tasks, data_dir, limit, seed)
@@ -191,20 +197,87 @@ def evaluate(params: Any, model_cfg: Any, tokenizer: Any,
   for mode in mode_list:
     before = dict(scorer.stats)
     t0 = time.perf_counter()
-    ll = scorer.score(requests, mode, mc_grid_size=mc_grid, mc_seed=mc_seed)
+    if on_sample is None:
+      ll, tok_ll = scorer.score(requests, mode, mc_grid_size=mc_grid, mc_seed=mc_seed), None
+    else:
+      ll, tok_ll = scorer.score_tokens(requests, mode, mc_grid_size=mc_grid, mc_seed=mc_seed)
     secs = time.perf_counter() - t0
     results["timing"][mode] = {
         "seconds": secs, **{k: scorer.stats[k] - before[k] for k in scorer.stats}}
     for task, tr in per_task.items():
-      results["tasks"][task]["modes"][mode] = metrics.summarise_task(
-          task, tr.examples, tr.completions, [ll[i] for i in tr.cond],
-          None if tr.uncond is None else [ll[i] for i in tr.uncond])
+      ll_uncond = None if tr.uncond is None else [ll[i] for i in tr.uncond]
+      choice_scores, acc_N = metrics.choice_table(task, tr.examples, tr.completions,
+                                                  [ll[i] for i in tr.cond], ll_uncond)
+      results["tasks"][task]["modes"][mode] = metrics.summarise(task, tr.examples, acc_N)
+      if on_sample is not None:
+        for rec in sample_records(task, mode, tr, requests, ll, tok_ll, choice_scores, acc_N):
+          on_sample(rec)
     if log:
       log(f"{mode}: {len(requests)} requests, "
           f"{results['timing'][mode]['unit_tokens']} tokens in {secs:.1f}s")
   metrics.add_pll_best(results)
   metrics.add_headline(results)
   return results
+
+
+def sample_records(task: str, mode: str, tr: _TaskRequests, requests: Sequence[scoring.Request],
+                   ll: np.ndarray, tok_ll: list[np.ndarray], choice_scores: list[np.ndarray],
+                   acc_N: np.ndarray) -> Iterator[dict[str, Any]]:
+  """One record per (item, choice) request of `task` in `mode`: context, completion, its
+  log-likelihood, the completion's token ids and per-token log-probabilities
+  (`Scorer.score_tokens`; they sum to the log-likelihood; a completion longer than the model's
+  window keeps its first tokens), the choice's score under the task's normalisation, `chosen`
+  (among the best-scoring choices; ties choose all), `gold`, the item's credit `acc`; PMI tasks
+  add the same for the unconditional context "Answer:"."""
+  norm = metrics.NORMALISATION[task]
+  for i, ex in enumerate(tr.examples):
+    best = np.max(choice_scores[i])
+    for j, comp in enumerate(tr.completions[i]):
+      r = int(tr.cond[i][j])
+      rec = {"task": task, "mode": mode, "doc_id": ex.uid, "subtask": ex.subtask, "choice": j,
+             "context": tr.contexts[i], "completion": comp, "loglikelihood": float(ll[r]),
+             "completion_ids": list(requests[r].comp[:len(tok_ll[r])]),
+             "token_logprobs": tok_ll[r].tolist(), "normalization": norm,
+             "choice_score": float(choice_scores[i][j]),
+             "chosen": bool(choice_scores[i][j] == best), "gold": j == ex.gold,
+             "acc": float(acc_N[i])}
+      if tr.uncond is not None:
+        u = int(tr.uncond[i][j])
+        rec.update(context_uncond=prompts.UNCONDITIONAL_CONTEXT,
+                   loglikelihood_uncond=float(ll[u]), token_logprobs_uncond=tok_ll[u].tolist())
+      yield rec
+
+
+def samples_path(out: str | os.PathLike) -> pathlib.Path:
+  """Where `--log_samples` writes beside results `out`: <stem>_samples.jsonl."""
+  out = pathlib.Path(out)
+  return out.with_name(out.stem + "_samples.jsonl")
+
+
+class SampleLog:
+  """`on_sample` records as JSONL lines, written to `path`.tmp and renamed into place by
+  `commit()` (an interrupted evaluation leaves an earlier file at `path` as it was); `discard()`
+  removes the partial file."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    self.tmp = self.path.with_name(self.path.name + ".tmp")
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._f = open(self.tmp, "w", encoding="utf-8")
+    self.count = 0
+
+  def __call__(self, record: dict[str, Any]) -> None:
+    self._f.write(json.dumps(record, sort_keys=True) + "\n")
+    self.count += 1
+
+  def commit(self) -> pathlib.Path:
+    self._f.close()
+    os.replace(self.tmp, self.path)
+    return self.path
+
+  def discard(self) -> None:
+    self._f.close()
+    self.tmp.unlink(missing_ok=True)
 
 
 def write_results(results: dict[str, Any], out: str | os.PathLike) -> tuple[pathlib.Path,

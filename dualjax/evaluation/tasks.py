@@ -8,8 +8,9 @@ Layouts (see ../shared/eval-data/README.md):
   openbookqa/test.jsonl: AI2 release layout (`question.stem`, `question.choices[{text,label}]`,
   `answerKey`); the gold index goes through the item's own label list (numeric labels exist).
   blimp/<UID>.jsonl: `sentence_good`, `sentence_bad` (gold = 0).
-  hellaswag/hellaswag_val.jsonl (original; lm-eval preprocessing) or, when absent,
-  hellaswag/hellaswag_val_full.txt.bz2 (6 lines per item, already preprocessed).
+  hellaswag/hellaswag_val.jsonl (original; OLMES preprocessing) or, when absent,
+  hellaswag/hellaswag_val_full.txt.bz2 (6 lines per item, already preprocessed; its known
+  differences from OLMES' prompts: HELLASWAG_TEXT_NOTE).
   mmlu/<subject>_test.csv: no header; question, A, B, C, D, answer letter.
   piqa/valid.jsonl + piqa/valid-labels.lst; siqa/socialIWa_v1.4_dev_wDims.jsonl (`label_ix`).
 
@@ -154,16 +155,21 @@ def load_blimp(data_dir: pathlib.Path) -> list[Example]:
 
 
 def hellaswag_preprocess(text: str) -> str:
-  """lm-eval's HellaSwag text clean-up (WikiHow markup)."""
+  r"""OLMES' HellaSwag clean-up of WikiHow markup (`HellaSwagStd.preprocess`): strip, then
+  `re.sub(r"\.? \[title\]", ". ")` (lm-eval's `replace(" [title]", ". ")` turns "done. [title]"
+  into "done.. "), remove every `[...]`, collapse double spaces. Stripping comes first, as in
+  OLMES and lm-eval, so removed tags can leave a leading or trailing space."""
   text = text.strip()
-  text = text.replace(" [title]", ". ")
-  text = re.sub("\\[.*?\\]", "", text)
+  text = re.sub(r"\.? \[title\]", ". ", text)
+  text = re.sub(r"\[.*?\]", "", text)
   text = text.replace("  ", " ")
   return text
 
 
 def load_hellaswag_jsonl(path: pathlib.Path) -> list[Example]:
-  """The original `hellaswag_val.jsonl` layout with lm-eval's `_process_doc`."""
+  """The original `hellaswag_val.jsonl` layout, as OLMES' `_process_doc`: query =
+  preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()) (str.capitalize: first
+  letter upper, the rest lower), choices = preprocess(ending)."""
   out = []
   for n, obj in _read_jsonl(path):
     label = _get(obj, "activity_label", path, n)
@@ -181,7 +187,8 @@ def load_hellaswag_jsonl(path: pathlib.Path) -> list[Example]:
 
 
 def load_hellaswag_text(path: pathlib.Path) -> list[Example]:
-  """The preprocessed text version (llama.cpp format): 6 lines per item, query/label/4 endings."""
+  """The preprocessed text version (llama.cpp format): 6 lines per item, query/label/4 endings,
+  read as they are (see HELLASWAG_TEXT_NOTE for how they differ from OLMES' prompts)."""
   opener = bz2.open if path.suffix == ".bz2" else open
   try:
     with opener(_need(path), "rt", encoding="utf-8") as f:
@@ -201,12 +208,34 @@ def load_hellaswag_text(path: pathlib.Path) -> list[Example]:
   return out
 
 
+HELLASWAG_JSONL = "hellaswag_val.jsonl"
+HELLASWAG_TEXT = "hellaswag_val_full.txt.bz2"
+# How the text file's prompts differ from OLMES' (each count measured on the 10,042 items by
+# tests/test_eval_tasks.py; the original jsonl is needed to compare byte by byte).
+HELLASWAG_TEXT_DIFFERENCES = """\
+  - ctx_b is not capitalised: 3,236 contexts end in a lower-case fragment
+    ("... on a roof. he"; OLMES "... on a roof. He");
+  - "done. [title] Next" became "done.. Next" (lm-eval's replace; OLMES "done. Next"):
+    778 contexts and 4,151 endings contain ".. ";
+  - brackets other than the WikiHow tags are kept (18 lines, e.g. "[www.kiddio.org]"),
+    OLMES removes every [...];
+  - a space a removed tag leaves at the start or end of a line is trimmed (no line starts or
+    ends with a space; OLMES strips before removing tags: "[substeps] Pick" -> " Pick")."""
+HELLASWAG_TEXT_NOTE = f"""\
+HellaSwag: with hellaswag/{HELLASWAG_JSONL} (the original release) the prompts are OLMES'
+(strip; ". [title]" and " [title]" -> ". "; every [...] removed; ctx_b capitalised). Without it,
+hellaswag/{HELLASWAG_TEXT} (llama.cpp's preprocessed text, 6 lines per item) is read as it is;
+its known differences from OLMES:
+{HELLASWAG_TEXT_DIFFERENCES}
+TFDS (tfds:DIR) keeps no ctx_a/ctx_b split: no ctx_b capitalisation, the rest as OLMES."""
+
+
 def load_hellaswag(data_dir: pathlib.Path) -> list[Example]:
-  """The original jsonl when present (byte-exact lm-eval prompts), else the text version."""
-  jsonl = data_dir / "hellaswag" / "hellaswag_val.jsonl"
+  """The original jsonl when present (OLMES prompts), else the text version."""
+  jsonl = data_dir / "hellaswag" / HELLASWAG_JSONL
   if jsonl.is_file():
     return load_hellaswag_jsonl(jsonl)
-  return load_hellaswag_text(data_dir / "hellaswag" / "hellaswag_val_full.txt.bz2")
+  return load_hellaswag_text(data_dir / "hellaswag" / HELLASWAG_TEXT)
 
 
 def load_mmlu(data_dir: pathlib.Path) -> list[Example]:
@@ -363,8 +392,8 @@ def _tfds_csqa(task: str, uid: str, r: dict[str, Any]) -> Example:
 
 def _tfds_hellaswag(task: str, uid: str, r: dict[str, Any]) -> Example:
   """hellaswag: `context` is the original `ctx` (ctx_a + " " + ctx_b), so the query is
-  `activity_label: ctx` with lm-eval's clean-up but without lm-eval's ctx_b.capitalize() (TFDS keeps
-  no ctx_a/ctx_b split) -- as in the preprocessed text file (hellaswag_val_full.txt.bz2)."""
+  `activity_label: ctx` without OLMES' ctx_b.capitalize() (TFDS keeps
+  no ctx_a/ctx_b split), otherwise OLMES' clean-up (`hellaswag_preprocess`)."""
   endings = [_s(e) for e in r["endings"]]
   if len(endings) != 4:
     raise ValueError(f"'endings' should hold 4 strings, got {len(endings)}")
