@@ -183,35 +183,116 @@ def mdm_loss(params: Any, batch: Batch, key: jax.Array, *, cfg: model_lib.ModelC
   return loss, metrics
 
 
-def span_mask_corrupt(inputs_BxL: jax.Array, scorable_BxL: jax.Array, start_B: jax.Array,
-                      rate: float = 0.1) -> tuple[jax.Array, jax.Array]:
-  """One contiguous span of n = max(1, round(rate L)) positions from `start_B` masked per row.
+# The authors' "masked" validation loss (their SpanMaskingStrategy + ValidationMaskedDataset,
+# args mask_p_min, mask_random_p, mask_keep_p, max_span_length).
+SPAN_RATE = 0.1
+SPAN_MAX_LEN = 3
+SPAN_RANDOM_P = 0.1
+SPAN_KEEP_P = 0.1
 
-  Only maskable inputs (id >= NUM_SPECIAL) inside the span become <mask>; target i is scored iff
-  scorable and input i+1 is masked. Returns (masked_inputs_BxL, scored_BxL).
+
+def span_noise(keys_B: jax.Array, length: int, vocab_size: int) -> dict[str, jax.Array]:
+  """The span masking's random draws for rows of `length` (= L+1) tokens, one key per row.
+
+  {'lengths' int 1..SPAN_MAX_LEN, 'ratio' U(0,1), 'action' U(0,1), 'round_u' U(0,1),
+   'random' int in [NUM_SPECIAL, vocab_size)}, each [B, length]: draw j of a row serves the
+  span or segment that starts its sequence at position j (see `span_mask_corrupt_from_noise`).
   """
-  _, L = inputs_BxL.shape
-  n = max(1, round(rate * L))
-  pos_L = jnp.arange(L)
-  in_span_BxL = (pos_L >= start_B[:, None]) & (pos_L < start_B[:, None] + n)
-  masked_BxL = in_span_BxL & (inputs_BxL >= NUM_SPECIAL)
-  masked_inputs_BxL = jnp.where(masked_BxL, MASK, inputs_BxL).astype(inputs_BxL.dtype)
-  next_masked_BxL = jnp.concatenate([masked_BxL[:, 1:], jnp.zeros_like(masked_BxL[:, :1])], axis=1)
-  return masked_inputs_BxL, next_masked_BxL & scorable_BxL
+  def draw(key):
+    kl, kr, ka, ku, kt = jax.random.split(key, 5)
+    return {"lengths": jax.random.randint(kl, (length,), 1, SPAN_MAX_LEN + 1),
+            "ratio": jax.random.uniform(kr, (length,)),
+            "action": jax.random.uniform(ka, (length,)),
+            "round_u": jax.random.uniform(ku, (length,)),
+            "random": jax.random.randint(kt, (length,), NUM_SPECIAL, vocab_size)}
+  return jax.vmap(draw)(keys_B)
+
+
+def _span_mask_row(tok_N, seg_N, noise, rate, random_p, keep_p):
+  """One row of `span_mask_corrupt_from_noise`: (corrupted_N, masked_N, span_N)."""
+  (N,) = tok_N.shape
+  pos_N = jnp.arange(N)
+  start_N = jnp.concatenate([jnp.ones((1,), bool), seg_N[1:] != seg_N[:-1]])
+  s_N = jax.lax.cummax(jnp.where(start_N, pos_N, 0))  # start of each position's segment
+  # Spans tile each segment from its start; the segment starting at s takes its lengths from
+  # draws s, s+1, ... (each span >= 1 long, so the segments' draws never overlap). Position
+  # i's span is the draw index s + m with G[s+m-1] <= i - s + G[s-1] < G[s+m], G = cumsum.
+  G_N = jnp.cumsum(noise["lengths"])
+  before_N = jnp.where(s_N > 0, G_N[jnp.maximum(s_N - 1, 0)], 0)
+  span_N = jnp.searchsorted(G_N, pos_N - s_N + before_N, side="right")
+  maskable_N = tok_N >= NUM_SPECIAL
+  ratio_N = jnp.where(maskable_N, noise["ratio"][span_N], 2.0)  # 2 > every ratio: never picked
+  # k = max(1, floor(rate n + u)) per segment (n its tokens, specials included), at most the
+  # segment's maskable tokens; masked: every position whose span ratio is <= the k-th smallest
+  # of the segment (so whole spans, the last one may overshoot k).
+  n_N = jnp.zeros((N,), jnp.int32).at[s_N].add(1)[s_N]
+  m_N = jnp.zeros((N,), jnp.int32).at[s_N].add(maskable_N.astype(jnp.int32))[s_N]
+  k_N = jnp.maximum(1, jnp.floor(rate * n_N + noise["round_u"][s_N]).astype(jnp.int32))
+  k_N = jnp.minimum(k_N, m_N)
+  sorted_N = ratio_N[jnp.lexsort((ratio_N, s_N))]  # by segment, then ratio: segment s at [s, s+n)
+  thresh_N = sorted_N[jnp.clip(s_N + k_N - 1, 0, N - 1)]
+  masked_N = maskable_N & (k_N > 0) & (ratio_N <= thresh_N)
+  a_N = noise["action"][span_N]
+  repl_N = jnp.where(a_N < random_p, noise["random"],
+                     jnp.where(a_N > random_p + keep_p, MASK, tok_N))
+  return jnp.where(masked_N, repl_N, tok_N).astype(tok_N.dtype), masked_N, span_N
+
+
+def span_mask_corrupt_from_noise(tokens_BxN: jax.Array, seg_BxN: jax.Array,
+                                 noise: dict[str, jax.Array], *, rate: float = SPAN_RATE,
+                                 random_p: float = SPAN_RANDOM_P, keep_p: float = SPAN_KEEP_P
+                                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """The authors' span masking of rows of N = L+1 tokens, from given draws (`span_noise`).
+
+  Per segment (document piece) of n tokens, as their SpanMaskingStrategy and apply_mask: spans
+  of 1-3 tokens (uniform) tile it from its start; each span has a ratio r ~ U(0,1) (infinite for
+  special tokens, id < NUM_SPECIAL) and an action a ~ U(0,1); k = max(1, floor(rate n + U)), and
+  every position whose ratio is <= the segment's k-th smallest is masked (whole spans, ~rate of
+  the tokens in many short spans). A masked position becomes a random non-special token if
+  a < random_p, stays itself if a <= random_p + keep_p, else `<mask>` (80/10/10). Target i
+  (token i+1) is scored iff token i+1 is masked; the last token can be masked (its target is
+  scored; it is no input). Padding (segment 0) holds only special tokens: never masked.
+
+  Returns (corrupted inputs_BxL, scored_BxL, {'masked_BxN', 'span_BxN', 'corrupted_BxN'}).
+  """
+  scorable_BxL = (tokens_BxN[:, 1:] != BOS) & (seg_BxN[:, 1:] != 0)
+  row = lambda t, s, n: _span_mask_row(t, s, n, rate, random_p, keep_p)
+  corrupted_BxN, masked_BxN, span_BxN = jax.vmap(row)(tokens_BxN, seg_BxN, noise)
+  aux = {"masked_BxN": masked_BxN, "span_BxN": span_BxN, "corrupted_BxN": corrupted_BxN}
+  return corrupted_BxN[:, :-1], masked_BxN[:, 1:] & scorable_BxL, aux
+
+
+def span_mask_corrupt(tokens_BxN: jax.Array, seg_BxN: jax.Array, keys_B: jax.Array, *,
+                      vocab_size: int, rate: float = SPAN_RATE
+                      ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """`span_mask_corrupt_from_noise` with each row's draws from its own key (`span_noise`).
+
+  Differs from the authors' sampling in the random draws only, not in their distribution:
+  their torch global RNG draws piece by piece (span lengths, ratios, actions, the rounding
+  uniform, random tokens), here each row's draws come from its key, the draws of a segment
+  from the row's draws at the segment's positions. Two corner cases differ: a piece with fewer
+  non-special tokens than k is masked entirely by theirs, special tokens included (an infinite
+  threshold), here only its non-special tokens are; and floor(rate n + U) is taken in float32
+  (theirs in float64). Random tokens are drawn from [NUM_SPECIAL, vocab_size) with the model's
+  vocabulary (theirs: the tokenizer's, the same size).
+  """
+  noise = span_noise(keys_B, tokens_BxN.shape[1], vocab_size)
+  return span_mask_corrupt_from_noise(tokens_BxN, seg_BxN, noise, rate=rate)
 
 
 def span_mask_loss(params: Any, batch: Batch, key: jax.Array, *, cfg: model_lib.ModelConfig,
-                   rate: float = 0.1) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The authors' "masked" validation loss: mean CE over a random 10% span (BERT-style).
+                   rate: float = SPAN_RATE) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The authors' "masked" validation loss: mean CE over the targets of the masked tokens
+  (`span_mask_corrupt`, row b's draws from split(key, B)[b]); bidirectional attention.
 
   Not the diffusion NELBO (DESIGN.md §3); comparable with the authors' reported numbers.
   """
-  inputs_BxL, seg_BxL, targets_BxL, scorable_BxL = split_batch(batch)
-  B, L = inputs_BxL.shape
-  n = max(1, round(rate * L))
-  start_B = jax.random.randint(key, (B,), 0, L - n + 1)
-  masked_inputs_BxL, scored_BxL = span_mask_corrupt(inputs_BxL, scorable_BxL, start_B, rate)
-  ce_BxL, _ = model_token_losses(params, masked_inputs_BxL, seg_BxL, targets_BxL, cfg=cfg,
+  split_batch(batch)  # checks the layout
+  tokens_BxN, seg_BxN = batch["tokens"], batch["segment_ids"]
+  B = tokens_BxN.shape[0]
+  inputs_BxL, scored_BxL, _ = span_mask_corrupt(tokens_BxN, seg_BxN, jax.random.split(key, B),
+                                                vocab_size=cfg.vocab_size, rate=rate)
+  ce_BxL, _ = model_token_losses(params, inputs_BxL, seg_BxN[:, :-1], tokens_BxN[:, 1:], cfg=cfg,
                                  mode="bidirectional")
   w_BxL = scored_BxL.astype(jnp.float32)
   return (w_BxL * ce_BxL).sum() / jnp.maximum(w_BxL.sum(), 1.0), {"num_scored": w_BxL.sum()}

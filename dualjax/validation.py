@@ -8,7 +8,9 @@ One jitted function of fixed shapes (compiled once) returns per-chunk sums; the 
   AR    sum of next-token cross-entropies / scored tokens
   MDM   sum of 1/p-weighted cross-entropies of the masked targets / scored tokens  (the NELBO
         per real token: E[sum w ce] over a row is the row's NELBO)
-  span  (optional, the authors' 10% span masking) CE over the masked span targets / their count
+  span  (optional, `log.span_mask_val`: the authors' "masked" validation loss) CE of the targets
+        of the tokens masked by `objectives.span_mask_corrupt` (many 1-3-token spans, ~10% of
+        each document piece; 80% <mask>, 10% random, 10% kept) / their count
 
 over all chunks, so they are averages over real tokens: padding rows (the last chunk is filled
 with them) and padding tokens score nothing, and the chunking changes nothing beyond float
@@ -32,11 +34,10 @@ from dualjax import pipeline
 from dualjax import sharding
 
 Batch = dict[str, jax.Array]
-SPAN_RATE = 0.1
 
 
 def _row_noise(key: jax.Array, rows_B: jax.Array, L: int) -> tuple[jax.Array, ...]:
-  """Per-row uniforms (t_B, u_B, r_BxL) for the MDM corruption and keys_B for the span start."""
+  """Per-row uniforms (t_B, u_B, r_BxL) for the MDM corruption and keys_B for the span masking."""
   def draw(row):
     kt, ku, kr, ks = jax.random.split(jax.random.fold_in(key, row), 4)
     return jax.random.uniform(kt), jax.random.uniform(ku), jax.random.uniform(kr, (L,)), ks
@@ -65,10 +66,8 @@ def make_sums_fn(model_cfg: model_lib.ModelConfig, *, span_mask: bool = False,
                                                 cfg=model_cfg, mode="bidirectional")
       out["mdm_sum"] = (weights_BxL * ce_BxL).sum()
       if span_mask:
-        n = max(1, round(SPAN_RATE * L))
-        start_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, L - n + 1))(span_keys)
-        masked_BxL, scored_BxL = objectives.span_mask_corrupt(inputs_BxL, scorable_BxL, start_B,
-                                                               SPAN_RATE)
+        masked_BxL, scored_BxL, _ = objectives.span_mask_corrupt(
+            batch["tokens"], batch["segment_ids"], span_keys, vocab_size=model_cfg.vocab_size)
         ce_BxL, _ = objectives.model_token_losses(params, masked_BxL, seg_BxL, targets_BxL,
                                                   cfg=model_cfg, mode="bidirectional")
         s_BxL = scored_BxL.astype(jnp.float32)

@@ -11,6 +11,7 @@ import pytest
 from dualjax import model as model_lib
 from dualjax import objectives
 from dualjax.special_tokens import BOS, MASK, NUM_SPECIAL, PAD
+import span_reference
 
 CFG = model_lib.ModelConfig(vocab_size=48, num_layers=2, d_model=32, num_heads=2, head_dim=16,
                             mlp_dim=64, max_seq_len=64, compute_dtype="float32",
@@ -211,21 +212,103 @@ def test_bad_batches():
                         jax.random.key(0), cfg=CFG)
 
 
+def _span_draws(noise):
+  """`span_reference.corrupt_rows`'s draw(b, start, n) from `objectives.span_noise` arrays: the
+  piece at `start` takes the row's draws from `start` on (dualjax's documented layout)."""
+  nz = {k: np.asarray(v) for k, v in noise.items()}
+  return lambda b, s, n: (nz["lengths"][b, s:], nz["ratio"][b, s:], nz["action"][b, s:],
+                          float(nz["round_u"][b, s]), nz["random"][b, s:s + n])
+
+
+def test_span_mask_is_the_authors_algorithm_on_given_draws():
+  """Same draws -> the same corruption as a NumPy port of the authors' code, bit for bit."""
+  rng = np.random.default_rng(11)
+  b = _batch()
+  for tokens, seg in (span_reference.random_rows(rng, 64, 41, CFG.vocab_size),
+                      (b["tokens"], b["segment_ids"])):
+    B, N = tokens.shape
+    keys = jax.random.split(jax.random.key(5), B)
+    noise = objectives.span_noise(keys, N, CFG.vocab_size)
+    got_in, got_scored, aux = jax.jit(objectives.span_mask_corrupt_from_noise)(tokens, seg, noise)
+    want_in, want_scored, want_masked, _, _ = span_reference.corrupt_rows(tokens, seg,
+                                                                          _span_draws(noise))
+    np.testing.assert_array_equal(aux["masked_BxN"], want_masked)
+    np.testing.assert_array_equal(got_in, want_in)
+    np.testing.assert_array_equal(got_scored, want_scored)
+    assert want_masked.sum() >= B and not want_masked[tokens < NUM_SPECIAL].any()
+    # span_mask_corrupt = from_noise with span_noise of the keys
+    again = objectives.span_mask_corrupt(tokens, seg, keys, vocab_size=CFG.vocab_size)
+    np.testing.assert_array_equal(again[0], got_in)
+
+
+def _jax_span_stats(tokens, seg, noise, masked, span):
+  """Masked spans' lengths and actions, and masked fraction per row, from dualjax's outputs."""
+  action, masked, span = np.asarray(noise["action"]), np.asarray(masked), np.asarray(span)
+  lens, kinds = [], {"mask": 0, "random": 0, "keep": 0}
+  for b in range(len(tokens)):
+    for j in np.unique(span[b][masked[b]]):
+      lens.append(int(masked[b][span[b] == j].sum()))
+      p = action[b, j]
+      kinds["random" if p < 0.1 else "mask" if p > 0.2 else "keep"] += 1
+  return np.array(lens), kinds
+
+
+def test_span_mask_statistics_match_the_spec():
+  """Over many rows: masked spans of 1-3 tokens (uniform, as drawn), ~10% of each row's tokens,
+  80% <mask> / 10% random / 10% kept -- dualjax's draws against an independent NumPy run of the
+  authors' algorithm with NumPy's generator (same distribution, different draws)."""
+  B, N, V = 1500, 129, CFG.vocab_size
+  rng = np.random.default_rng(12)
+  tokens, seg = span_reference.random_rows(rng, B, N, V)
+  real = (seg != 0).sum(1)
+  keys = jax.random.split(jax.random.key(9), B)
+  noise = objectives.span_noise(keys, N, V)
+  inputs, _, aux = jax.jit(objectives.span_mask_corrupt_from_noise)(tokens, seg, noise)
+  got_lens, got_kinds = _jax_span_stats(tokens, seg, noise, aux["masked_BxN"], aux["span_BxN"])
+  got_frac = np.asarray(aux["masked_BxN"]).sum(1) / real
+  draw = lambda b, s, n: (rng.integers(1, 4, n), rng.random(n), rng.random(n), rng.random(),
+                          rng.integers(NUM_SPECIAL, V, n))
+  _, _, want_masked, want_lens, want_kinds = span_reference.corrupt_rows(tokens, seg, draw)
+  want_frac = want_masked.sum(1) / real
+  # span lengths: 1..3, each drawn with p 1/3 (more 1s and 2s masked: spans cut by a piece's end
+  # or a special token)
+  assert set(got_lens) <= {1, 2, 3}
+  for n in (1, 2, 3):
+    p_got, p_want = np.mean(got_lens == n), np.mean(want_lens == n)
+    se = np.sqrt(p_want * (1 - p_want) * (1 / len(got_lens) + 1 / len(want_lens)))
+    assert abs(p_got - p_want) < 4 * se, (n, p_got, p_want)
+    assert 0.25 < p_got < 0.42, (n, p_got)
+  # ~10% of each row (k = max(1, floor(0.1 n + U)) per piece, plus the overshoot of the last span)
+  se = np.sqrt(got_frac.var() / B + want_frac.var() / B)
+  assert abs(got_frac.mean() - want_frac.mean()) < 4 * se, (got_frac.mean(), want_frac.mean())
+  assert 0.10 < got_frac.mean() < 0.13, got_frac.mean()
+  # many short spans per row, not one contiguous span
+  assert len(got_lens) / B > 5
+  # 80 / 10 / 10 per masked span
+  n_got, n_want = sum(got_kinds.values()), sum(want_kinds.values())
+  for kind, p in (("mask", 0.8), ("random", 0.1), ("keep", 0.1)):
+    se = np.sqrt(p * (1 - p) / n_got)
+    assert abs(got_kinds[kind] / n_got - p) < 4 * se, (kind, got_kinds)
+    assert abs(want_kinds[kind] / n_want - p) < 4 * np.sqrt(p * (1 - p) / n_want), (kind, want_kinds)
+  # and the tokens: <mask> where the action says so, random tokens non-special
+  corrupted = np.asarray(aux["corrupted_BxN"])
+  m = np.asarray(aux["masked_BxN"])
+  act = np.take_along_axis(np.asarray(noise["action"]), np.asarray(aux["span_BxN"]), 1)
+  assert (corrupted[m & (act > 0.2)] == MASK).all()
+  assert (corrupted[m & (act < 0.1)] >= NUM_SPECIAL).all()
+  assert (corrupted[m & (act >= 0.1) & (act <= 0.2)] == tokens[m & (act >= 0.1) & (act <= 0.2)]).all()
+  np.testing.assert_array_equal(corrupted[~m], tokens[~m])
+  np.testing.assert_array_equal(inputs, corrupted[:, :-1])
+
+
 def test_span_mask_loss_matches_numpy():
-  """Authors' validation loss: one 10% span per row masked, mean CE over its targets."""
+  """The authors' validation loss: mean CE over the targets of the masked tokens."""
   params, batch = _params(), _batch()
-  inputs, scorable = batch["tokens"][:, :-1], _np_scorable(batch)
-  B, L = inputs.shape
-  n = max(1, round(0.1 * L))
+  B, N = batch["tokens"].shape
   key = jax.random.key(3)
-  start = np.asarray(jax.random.randint(key, (B,), 0, L - n + 1))
-  masked, scored = inputs.copy(), np.zeros((B, L), bool)
-  for b in range(B):
-    for j in range(start[b], start[b] + n):
-      if inputs[b, j] >= NUM_SPECIAL:
-        masked[b, j] = MASK
-        if j >= 1 and scorable[b, j - 1]:
-          scored[b, j - 1] = True
+  noise = objectives.span_noise(jax.random.split(key, B), N, CFG.vocab_size)
+  masked, scored, _, _, _ = span_reference.corrupt_rows(batch["tokens"], batch["segment_ids"],
+                                                        _span_draws(noise))
   assert scored.sum() > 0
   with jax.default_matmul_precision("highest"):
     loss, metrics = objectives.span_mask_loss(params, batch, key, cfg=CFG)

@@ -11,44 +11,61 @@ import optax
 import pytest
 
 from dualjax import hlo
+from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
+from dualjax import objectives
 from dualjax import optim
+from dualjax import sharding
 
 A, B_, C = 3.4445, -4.7750, 2.0315
 
 
-def _np_ns(g, bf16=False):
+def _np_ns(g, mode="f64"):
   """Quintic Newton-Schulz, 5 steps, on g / (|g|_F + 1e-7), smaller Gram side.
 
-  float64, or bf16 emulated with ml_dtypes: every op's result rounded to bf16, matmuls
-  accumulated in fp32 (what a bf16 matmul does on any backend).
+  mode 'f64': float64 with the exact coefficients (the reference). The two bf16 emulations
+  (ml_dtypes; matmuls accumulated in fp32, result rounded to bf16, as on any backend) only
+  calibrate the bound of `test_newton_schulz_bf16_error_vs_float64`:
+    'authors'     the authors' torch.compile'd NS: the multiply-adds b A + c A^2 and a X + B X
+                  fused in fp32 with the exact coefficients, rounded to bf16 once;
+    'bf16_coeffs' every op rounded to bf16, coefficients rounded to bf16 (3.4375, -4.78125,
+                  2.03125): dualjax before issue 13 item 13.
   """
   x = g / (np.linalg.norm(g) + 1e-7)
   tall = x.shape[0] > x.shape[1]
   if tall:
     x = x.T
-  if not bf16:
+  if mode == "f64":
     for _ in range(5):
       a = x @ x.T
       x = A * x + (B_ * a + C * a @ a) @ x
     return x.T if tall else x
   bf = ml_dtypes.bfloat16
-  r = lambda y: np.asarray(y, np.float32).astype(bf)
-  mm = lambda u, v: r(u.astype(np.float32) @ v.astype(np.float32))
+  r = lambda y: np.asarray(y, np.float32).astype(bf).astype(np.float32)
+  mm = lambda u, v: r(u @ v)
   x = r(x)
-  for _ in range(5):
-    a = mm(x, x.T)
-    b = r(r(bf(B_) * a) + r(bf(C) * mm(a, a)))
-    x = r(r(bf(A) * x) + mm(b, x))
+  if mode == "authors":
+    for _ in range(5):
+      a = mm(x, x.T)
+      b = r(np.float32(B_) * a + np.float32(C) * mm(a, a))
+      x = r(np.float32(A) * x + mm(b, x))
+  elif mode == "bf16_coeffs":
+    a_, b_, c_ = (np.float32(bf(v)) for v in (A, B_, C))
+    for _ in range(5):
+      a = mm(x, x.T)
+      b = r(r(b_ * a) + r(c_ * mm(a, a)))
+      x = r(r(a_ * x) + mm(b, x))
+  else:
+    raise ValueError(mode)
   x = x.astype(np.float64)
   return x.T if tall else x
 
 
-def _np_muon(p, grads, lrs, mu=0.95, wd=0.1, bf16=False):
+def _np_muon(p, grads, lrs, mu=0.95, wd=0.1):
   buf = np.zeros_like(p)
   for g, lr in zip(grads, lrs):
     buf = mu * buf + g
-    o = _np_ns(g + mu * buf, bf16)
+    o = _np_ns(g + mu * buf)
     p = p * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(p.shape)) * o
   return p
 
@@ -72,6 +89,60 @@ def _run(tx, params, grads):
   return params
 
 
+# bf16 Newton-Schulz against float64 with the exact coefficients: relative Frobenius error of each
+# of NS_SHAPES x 4 Gaussian matrices. Measured (2-core CPU, 2026-12-03): the authors'
+# torch.compile'd NS, emulated ('authors', = dualjax's), 1.4-2.4%; the same with every op rounded
+# (torch eager) 2.5-4.2%; bf16 coefficients ('bf16_coeffs', dualjax before) 3.7-6.9% (mean 5%).
+# The bound sits above the authors' precision and below the bf16-coefficient NS.
+NS_BOUND = 0.035       # per matrix
+NS_MEAN_BOUND = 0.03   # mean over the matrices
+NS_SHAPES = [(16, 16), (16, 24), (24, 16), (32, 48), (64, 64)]
+
+
+def _ns_cases():
+  rng = np.random.default_rng(7)
+  return [rng.normal(size=s) for s in NS_SHAPES for _ in range(4)]
+
+
+def _rel_errs(fn, cases):
+  out = []
+  for g in cases:
+    want = _np_ns(g)
+    out.append(np.linalg.norm(np.asarray(fn(g), np.float64) - want) / np.linalg.norm(want))
+  return np.array(out)
+
+
+def test_newton_schulz_bf16_error_vs_float64():
+  cases = _ns_cases()
+  # the bound admits the authors' own bf16 NS and rejects the bf16-coefficient one
+  authors = _rel_errs(lambda g: _np_ns(g, "authors"), cases)
+  assert authors.max() < NS_BOUND and authors.mean() < NS_MEAN_BOUND, authors
+  old = _rel_errs(lambda g: _np_ns(g, "bf16_coeffs"), cases)
+  assert old.mean() > 1.3 * NS_MEAN_BOUND and old.min() > NS_BOUND, old
+  ns = jax.jit(optim.newton_schulz)
+  got = _rel_errs(lambda g: ns(jnp.asarray(g, jnp.float32)), cases)
+  assert got.max() < NS_BOUND and got.mean() < NS_MEAN_BOUND, got
+  # and it is the authors' bf16 NS: the same roundings, bit for bit up to the matmuls' summation
+  # order (a flipped rounding then grows: <= 1.3% measured; the bf16-coefficient NS is 4-7% off)
+  for g in cases:
+    want = _np_ns(g, "authors")
+    diff = np.linalg.norm(np.asarray(ns(jnp.asarray(g, jnp.float32)), np.float64) - want)
+    assert diff < 2e-2 * np.linalg.norm(want), (g.shape, diff)
+
+
+def test_sharded_ns_is_newton_schulz():
+  """`sharded_ns` runs `newton_schulz` on each device's share: the same bf16 matrices, so the same
+  precision against float64."""
+  mesh = mesh_lib.make_mesh(8, 1, 1)
+  rng = np.random.default_rng(8)
+  stack = rng.normal(size=(10, 16, 24))
+  got = np.asarray(jax.jit(optim.sharded_ns(mesh))(jnp.asarray(stack, jnp.float32)))
+  one = jax.jit(optim.newton_schulz)(jnp.asarray(stack, jnp.float32))
+  np.testing.assert_array_equal(got, np.asarray(one.astype(jnp.bfloat16).astype(jnp.float32)))
+  errs = _rel_errs(lambda g: got[[np.array_equal(g, s) for s in stack].index(True)], list(stack))
+  assert errs.max() < NS_BOUND and errs.mean() < NS_MEAN_BOUND, errs
+
+
 SCHED = lambda count: 0.02 / (1.0 + count)   # a varying lr: checks which step's lr is used
 LRS = [0.02, 0.01, 0.02 / 3]
 
@@ -87,15 +158,12 @@ def test_muon_three_steps_match_numpy(shape):
     got = _run(optim.muon(SCHED, ns_dtype=jnp.float32), jnp.asarray(p0, jnp.float32),
                [jnp.asarray(g, jnp.float32) for g in grads])
   np.testing.assert_allclose(got - p0, want - p0, atol=2e-5 * np.abs(want - p0).max())
-  # default bf16 Newton-Schulz (the spec): matches the bf16-emulating reference closely; bf16
-  # itself is 3-7% (relative Frobenius) away from float64 after 5 quintic steps.
+  # default bf16 Newton-Schulz (the spec): within NS_BOUND of the float64 update (each step's NS
+  # is; see test_newton_schulz_bf16_error_vs_float64)
   got = _run(optim.muon(SCHED), jnp.asarray(p0, jnp.float32),
              [jnp.asarray(g, jnp.float32) for g in grads])
-  d_got = np.asarray(got) - p0
-  d_bf16 = _np_muon(p0, grads, LRS, bf16=True) - p0
-  d_want = want - p0
-  assert np.linalg.norm(d_got - d_bf16) < 1e-2 * np.linalg.norm(d_bf16)
-  assert np.linalg.norm(d_got - d_want) < 0.1 * np.linalg.norm(d_want)
+  d_got, d_want = np.asarray(got) - p0, want - p0
+  assert np.linalg.norm(d_got - d_want) < NS_BOUND * np.linalg.norm(d_want)
 
 
 def test_muon_orthogonalises_each_stacked_matrix_separately():
@@ -172,11 +240,11 @@ def test_qkv_and_up_gate_are_orthogonalised_separately():
       g, p = g_sep[j], np.asarray(params["layers"][group][n][0], np.float64)
       k = 0.01 * 0.2 * math.sqrt(max(g.shape))
       got = np.asarray(upd["layers"][group][n][0])
-      # first step: g' = g + mu * g; bf16 Newton-Schulz as in the spec
-      want = -0.01 * 0.1 * p - k * _np_ns(g * (1 + 0.95), bf16=True)
+      # first step: g' = g + mu * g; bf16 Newton-Schulz as the authors' (emulated)
+      want = -0.01 * 0.1 * p - k * _np_ns(g * (1 + 0.95), "authors")
       fused_upd = -0.01 * 0.1 * p - k * fused[:, cols[j]:cols[j + 1]]
       err, diff = np.linalg.norm(got - want), np.linalg.norm(fused_upd - want)
-      assert err < 1e-2 * np.linalg.norm(want), (n, err)
+      assert err < 5e-3 * np.linalg.norm(want), (n, err)
       assert diff > 10 * err, (n, diff, err)
 
 
@@ -196,8 +264,6 @@ def test_make_optimizer_routes_each_role():
 
 
 def test_optimizer_state_shards_like_params():
-  from dualjax import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from dualjax import sharding  # pylint: disable=import-outside-toplevel
   params = jax.eval_shape(lambda: _model_params())
   mesh = mesh_lib.make_mesh(4, 2, 1)
   st = sharding.state_shardings(AXES, params, optim.make_optimizer(0.01, AXES), mesh)
@@ -239,7 +305,6 @@ def test_make_optimizer_from_config():
 def test_ffn_padding_is_exact_and_stays_zero():
   """FFN stored padded to a multiple of 64: zero padding, the same logits as the unpadded model,
   padding still exactly zero after Muon + AdamW steps, Muon's scale from the logical shape."""
-  from dualjax import objectives  # pylint: disable=import-outside-toplevel
   base = model_lib.ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2, head_dim=8,
                                mlp_dim=40, max_seq_len=16, compute_dtype="float32")
   padded = dataclasses.replace(base, mlp_multiple=64)
@@ -278,7 +343,6 @@ def test_newton_schulz_is_divided_among_devices():
   """With `sharded_ns`, each of 8 devices orthogonalises its share of the stacked matrices:
   the compiled update's FLOPs per device fall to about 1/7 (14 matrices on 8 devices), the
   update is the same, and the only collective is one all-gather of the results."""
-  from dualjax import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   mesh = mesh_lib.make_mesh(8, 1, 1)
   params = _model_params()
   rng = np.random.default_rng(6)
@@ -306,5 +370,5 @@ def test_newton_schulz_is_divided_among_devices():
   assert coll["all-gather"]["bytes"] == 4 * (8 * 16 * 16 + 8 * 16 * 24), coll
   assert hlo.collective_stats(text["replicated"]) == {}
   for a, b in zip(jax.tree.leaves(out["divided"]), jax.tree.leaves(out["replicated"])):
-    # NS runs in bf16 either way; the divided result is rounded to bf16 once more for the gather
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=8e-3, atol=1e-5)
+    # the same NS (bf16 values, every rounding explicit) on each matrix; the bf16 gather is exact
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

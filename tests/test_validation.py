@@ -14,6 +14,7 @@ from dualjax import objectives
 from dualjax import pipeline
 from dualjax import split as split_lib
 from dualjax import validation
+import span_reference
 
 OVERRIDES = {"model.vocab_size": 1024, "model.d_model": 32, "model.num_heads": 2,
              "model.head_dim": 16, "model.mlp_dim": 64, "model.num_layers": 2,
@@ -69,8 +70,9 @@ def test_losses_per_real_token_against_numpy(setup):
   def noise(rows):
     keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 4))(rows)
     return (jax.vmap(jax.random.uniform)(keys[:, 0]), jax.vmap(jax.random.uniform)(keys[:, 1]),
-            jax.vmap(lambda k: jax.random.uniform(k, (32,)))(keys[:, 2]))
-  ar_sum = mdm_sum = tokens = 0.0
+            jax.vmap(lambda k: jax.random.uniform(k, (32,)))(keys[:, 2]),
+            objectives.span_noise(keys[:, 3], 33, mc.vocab_size))
+  ar_sum = mdm_sum = span_sum = span_tokens = tokens = 0.0
   for i, b in enumerate(ds):
     tokens_BxL1 = b["tokens"]
     inputs, seg, targets = tokens_BxL1[:, :-1], b["segment_ids"][:, :-1], tokens_BxL1[:, 1:]
@@ -82,7 +84,7 @@ def test_losses_per_real_token_against_numpy(setup):
     ar_sum += ce[scorable].sum()
     tokens += scorable.sum()
     # MDM with the documented per-row noise: fold_in(key, global row) -> (t, u, r, span key).
-    t, u, r = noise(jnp.arange(i * 16, i * 16 + 16))
+    t, u, r, span_draws = noise(jnp.arange(i * 16, i * 16 + 16))
     masked, w, _ = objectives.mdm_corrupt_from_uniforms(jnp.asarray(inputs), jnp.asarray(scorable),
                                                        t, u, r)
     logits = np.asarray(bidir(masked, seg), np.float64)
@@ -90,6 +92,19 @@ def test_losses_per_real_token_against_numpy(setup):
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
     mdm_sum += (np.asarray(w, np.float64) * ce).sum()
+    # span masking: the NumPy port of the authors' algorithm on the row's span draws
+    nz = {k: np.asarray(v) for k, v in span_draws.items()}
+    draw = lambda b, s, n: (nz["lengths"][b, s:], nz["ratio"][b, s:], nz["action"][b, s:],
+                            float(nz["round_u"][b, s]), nz["random"][b, s:s + n])
+    masked, scored, _, _, _ = span_reference.corrupt_rows(tokens_BxL1, b["segment_ids"], draw)
+    logits = np.asarray(bidir(masked, seg), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    span_sum += ce[scored].sum()
+    span_tokens += scored.sum()
   assert got["val_tokens"] == tokens
   assert got["ar_loss"] == pytest.approx(ar_sum / tokens, rel=1e-5)
   assert got["mdm_loss"] == pytest.approx(mdm_sum / tokens, rel=1e-5)
+  assert 0.08 * tokens < span_tokens < 0.14 * tokens  # ~10% of the tokens in short spans
+  assert got["span_loss"] == pytest.approx(span_sum / span_tokens, rel=1e-5)
