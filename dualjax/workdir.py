@@ -11,6 +11,7 @@
   workdir/lock               while a run trains here: its process id and host (dualjax.lock)
   workdir/tensorboard/       the same as TensorBoard events
   workdir/eval/step_N.{json,md}  downstream evaluation results
+  workdir/eval/step_N_samples.jsonl  with `evaluate --log_samples`: one line per request
 """
 
 import json
