@@ -56,11 +56,28 @@ REMAT_LADDER = ("none", "dots_with_no_batch_dims_saveable", "full")
 class Target:
   """Where the run is meant to run: its devices (real or abstract) and their memory."""
   name: str
-  platform: str          # 'tpu' | 'gpu'
+  platform: str          # 'tpu' | 'gpu' | 'cpu'
   devices: list[Any]
   hbm_bytes: float
   peak_flops: float | None
   estimate: bool         # memory compiled for other devices (GPU on CPU)
+  local: bool = False    # this process's own devices: 'auto' attention resolves as in training
+
+
+def local_target(memory_bytes: float = 0.0) -> Target:
+  """This process's devices, with their memory (`memory_bytes` if > 0, else what the device
+  reports; ConfigError naming `mesh.device_memory_gb` where it reports none, e.g. a CPU)."""
+  devices = jax.devices()
+  platform = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+  if memory_bytes <= 0:
+    stats = devices[0].memory_stats() or {}
+    memory_bytes = stats.get("bytes_limit", 0)
+    if not memory_bytes:
+      raise ConfigError(f"mesh.device_memory_gb: the {platform} devices report no memory limit; "
+                        "set it to fit mesh.max_device_rows=-1 (e.g. 16)")
+  kind = getattr(devices[0], "device_kind", platform)
+  return Target(f"{len(devices)} x {kind}", platform, devices, float(memory_bytes),
+                flops_lib.peak_flops(devices[0]), estimate=platform == "cpu", local=True)
 
 
 def parse_target(name: str) -> Target:
@@ -103,7 +120,7 @@ def target_mesh(target: Target, m: Any) -> Mesh:
 def for_target(cfg: ml_collections.ConfigDict, target: Target) -> ml_collections.ConfigDict:
   """The config as it runs on the target: 'auto' attention resolved for its platform."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  if cfg.model.attention_impl == "auto":
+  if cfg.model.attention_impl == "auto" and not target.local:
     cfg.model.attention_impl = "splash" if target.platform == "tpu" else "xla"
   return cfg
 
@@ -295,7 +312,8 @@ MIN_ROWS = 4  # rows per device below which recomputing activations is the bette
 
 
 def fit(cfg: ml_collections.ConfigDict, target: Target,
-        log: Callable[[str], None] = lambda s: None) -> Plan:
+        log: Callable[[str], None] = lambda s: None,
+        functions: tuple[str, ...] = ("train", "validation", "eval")) -> Plan:
   """The fastest setting that fits, from compiled memory: for each remat policy (none, dots,
   full), the most rows per device (fewest microsteps) -- first estimated from a compile as
   state + rows x temporaries per row, then compiled to check -- and the first policy that fits
@@ -339,7 +357,31 @@ def fit(cfg: ml_collections.ConfigDict, target: Target,
   if best is None:
     raise ConfigError(f"--topology={target.name}: no setting fits (1 row per device with full "
                       "remat is too large); use more devices or fsdp (--config.mesh.fsdp)")
-  return build(best[0], target)
+  return build(best[0], target, functions)
+
+
+def fit_to_devices(cfg: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
+  """`mesh.max_device_rows=-1`: sets it and `model.remat` (in place) to the fastest setting whose
+  training step and validation fit this process's devices (`fit`, from compiled memory)."""
+  if cfg.mesh.microsteps:
+    raise ConfigError(f"mesh.max_device_rows=-1 (fit) chooses the microsteps; leave "
+                      f"mesh.microsteps=0 (got {cfg.mesh.microsteps})")
+  target = local_target(cfg.mesh.device_memory_gb * 1e9)
+  log(f"fitting rows per device and remat to {target.name} ({_gb(target.hbm_bytes)} per device"
+      f"{', an estimate on CPU' if target.estimate else ''}, budget {BUDGET:.0%})…")
+  c = ml_collections.ConfigDict(cfg.to_dict())
+  c.mesh.max_device_rows = 0
+  plan = fit(c, target, log, functions=("train", "validation"))
+  worst = plan.worst()
+  if not plan.fits():
+    raise ConfigError(f"mesh.max_device_rows=-1: nothing fits {target.name}: {worst.name} needs "
+                      f"{_gb(worst.memory['total'])} of {_gb(target.hbm_bytes)} per device at 1 row"
+                      " with full remat; use more devices or fsdp (mesh.fsdp)")
+  cfg.mesh.max_device_rows = plan.cfg.mesh.max_device_rows
+  cfg.model.remat = plan.cfg.model.remat
+  log(f"fitted: mesh.max_device_rows={cfg.mesh.max_device_rows} model.remat={cfg.model.remat} "
+      f"({worst.name} {_gb(worst.memory['total'])}, "
+      f"{100 * worst.memory['total'] / target.hbm_bytes:.0f}% of {_gb(target.hbm_bytes)})")
 
 
 def report(plan: Plan, calibration: dict[str, float] | None = None) -> str:

@@ -49,7 +49,8 @@ def make_mesh(replica: int, fsdp: int, tensor: int,
 def mesh_from_config(m: Any) -> Mesh:
   """The mesh of a `mesh` config section over all devices (ConfigError naming the field)."""
   if m.max_device_rows < 0:
-    raise ConfigError(f"mesh.max_device_rows must be >= 0, got {m.max_device_rows}")
+    raise ConfigError(f"mesh.max_device_rows must be >= 0 (or -1 to fit it at start-up), got "
+                      f"{m.max_device_rows}")
   return make_mesh(m.replica, m.fsdp, m.tensor)
 
 

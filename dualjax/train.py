@@ -36,6 +36,7 @@ import numpy as np
 from tqdm.contrib import logging as tqdm_logging
 
 from dualjax import checkpoint as ckpt_lib
+from dualjax import compile as compile_lib
 from dualjax import config_lib
 from dualjax import distributed
 from dualjax import flops
@@ -130,11 +131,15 @@ def _prepared_action(cfg: ml_collections.ConfigDict, prepared: pathlib.Path, own
 def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
   """Checks the config against the devices, the data and the workdir; raises a one-line error.
 
-  Reads only: nothing is written.
+  Reads only: nothing is written. With `mesh.max_device_rows=-1` it first fits rows per device
+  and remat to the devices (compiling the step; `cfg` is updated in place).
   """
   workdir = pathlib.Path(workdir)
-  mc = config_lib.model_config(cfg)
+  config_lib.model_config(cfg)  # validates before anything is compiled
   _check_trainer_fields(cfg)
+  if cfg.mesh.max_device_rows == -1:
+    compile_lib.fit_to_devices(cfg, log.info)  # sets max_device_rows and remat in cfg
+  mc = config_lib.model_config(cfg)
   prepare_lib.check_config(cfg.data, mc.vocab_size)
   pipeline.check_config(cfg.data, mc.max_seq_len, jax.process_count())
   mesh = mesh_lib.mesh_from_config(cfg.mesh)

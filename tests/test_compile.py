@@ -68,6 +68,31 @@ def test_tpu_train_step_compiles_with_splash_and_one_reduction(v5p):
   assert "fits" in compile_lib.report(plan) and "DOES NOT FIT" not in compile_lib.report(plan)
 
 
+def test_fit_to_devices_picks_the_most_rows_within_the_memory():
+  """mesh.max_device_rows=-1 (the trainer's start-up fit) on these 8 CPU devices: with memory for
+  the 4-row step but not the 8-row one it picks 4 rows and remat none (issue 12 item 2)."""
+  cfg = _small(**{"data.global_batch": 128, "model.attention_impl": "xla"})
+  local = compile_lib.local_target(1e12)
+  assert local.local and local.platform == "cpu" and len(local.devices) == 8
+
+  def train_bytes(rows):
+    c = _small(**{"data.global_batch": 128, "model.attention_impl": "xla",
+                  "mesh.max_device_rows": rows, "model.remat": "none"})
+    return compile_lib.build(c, local, ("train",)).functions[0].memory["total"]
+
+  four, eight = train_bytes(4), train_bytes(8)
+  assert four < eight
+  cfg.mesh.max_device_rows = -1
+  cfg.mesh.device_memory_gb = (four + eight) / 2 / compile_lib.BUDGET / 1e9
+  logs = []
+  compile_lib.fit_to_devices(cfg, logs.append)
+  assert (cfg.mesh.max_device_rows, cfg.model.remat) == (4, "none"), logs
+  assert logs[-1].startswith("fitted: mesh.max_device_rows=4 model.remat=none"), logs
+  cfg.mesh.max_device_rows, cfg.mesh.device_memory_gb = -1, 0.0  # a CPU reports no memory
+  with pytest.raises(ConfigError, match="mesh.device_memory_gb: the cpu devices report no"):
+    compile_lib.fit_to_devices(cfg, logs.append)
+
+
 def test_analytic_flops_match_an_unrolled_compile():
   cal = compile_lib.calibrate_flops(_small())
   # XLA counts the same matmuls plus norms, softmax and the loss: a few percent more.

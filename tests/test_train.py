@@ -241,6 +241,27 @@ def test_one_device_trains_like_eight(embedded_prepared, reference_run, tmp_path
     assert got[s] == pytest.approx(ref[s], rel=1e-4), s
 
 
+@pytest.mark.slow
+def test_rows_per_device_fitted_at_start_up(embedded_prepared, tmp_path):  # noqa: F811
+  """mesh.max_device_rows=-1: start-up compiles the step for these devices and trains with the
+  rows and remat it chose (recorded in config.json); on CPU without a memory size, one line."""
+  wd = tmp_path / "fit"
+  r = _run(_args(embedded_prepared, wd, **{"train.stop_at": 2, "mesh.max_device_rows": -1,
+                                          "mesh.device_memory_gb": 50, "model.remat": "full"}))
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout + r.stderr
+  assert "fitting rows per device and remat to 8 x cpu (50.00 GB per device" in out, out[-3000:]
+  # 16 rows on 8 devices: at most 2 rows per device, and nothing needs recomputation
+  assert "fitted: mesh.max_device_rows=2 model.remat=none" in out, out[-3000:]
+  saved = json.loads((wd / "config.json").read_text())
+  assert saved["mesh"]["max_device_rows"] == 2 and saved["model"]["remat"] == "none"
+  assert sorted(_losses(wd)) == [1, 2]
+  r = _run(_args(embedded_prepared, tmp_path / "nomem", **{"mesh.max_device_rows": -1}))
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+      "error: mesh.device_memory_gb: the cpu devices report no memory limit"), r.stderr[-2000:]
+  assert not (tmp_path / "nomem").exists()
+
+
 def test_bad_starts_fail_in_one_line_and_leave_the_workdir_alone(
     reference_run, embedded_prepared, tmp_path):  # noqa: F811
   from dualjax import prepare as prepare_lib  # pylint: disable=import-outside-toplevel
