@@ -229,11 +229,15 @@ def test_two_processes_train_like_one(embedded_prepared, reference_run, tmp_path
 @pytest.mark.slow
 def test_one_device_trains_like_eight(embedded_prepared, reference_run, tmp_path):  # noqa: F811
   """The losses do not depend on the mesh (issue 13 item 9): the same rows get the same
-  objective and noise on 1 device (time split, 2 microsteps) as on 8 (device split, 4 + 4)."""
+  objective and noise on 1 device (time split, 2 microsteps) as on 8 (device split, 4 + 4), and
+  a run started on 1 device and resumed on 8 continues the same trajectory."""
   wd = tmp_path / "one"
-  r = _run(_args(embedded_prepared, wd, **{"train.stop_at": 6}), devices=1)
+  r = _run(_args(embedded_prepared, wd, **{"train.stop_at": 3}), devices=1)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "objective split: time" in r.stdout + r.stderr
+  r = _run(_args(embedded_prepared, wd, **{"train.stop_at": 6}), devices=8)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from step 3" in r.stdout + r.stderr and "objective split: device" in r.stdout
   got, ref = _losses(wd), _losses(reference_run[0])
   assert sorted(got) == list(range(1, 7))
   assert got[1] == pytest.approx(ref[1], rel=1e-6)  # the same sums in another order
