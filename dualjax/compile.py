@@ -34,6 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dualjax import cli
 from dualjax import config_lib
+from dualjax import distributed
 from dualjax import flops as flops_lib
 from dualjax import hlo
 from dualjax import mesh as mesh_lib
@@ -69,8 +70,8 @@ def local_target(memory_bytes: float = 0.0) -> Target:
   reports; ConfigError naming `mesh.device_memory_gb` where it reports none, e.g. a CPU)."""
   devices = jax.devices()
   platform = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
-  if memory_bytes <= 0:
-    stats = devices[0].memory_stats() or {}
+  if memory_bytes <= 0:  # (only this process's devices answer memory_stats)
+    stats = jax.local_devices()[0].memory_stats() or {}
     memory_bytes = stats.get("bytes_limit", 0)
     if not memory_bytes:
       raise ConfigError(f"mesh.device_memory_gb: the {platform} devices report no memory limit; "
@@ -313,7 +314,8 @@ MIN_ROWS = 4  # rows per device below which recomputing activations is the bette
 
 def fit(cfg: ml_collections.ConfigDict, target: Target,
         log: Callable[[str], None] = lambda s: None,
-        functions: tuple[str, ...] = ("train", "validation", "eval")) -> Plan:
+        functions: tuple[str, ...] = ("train", "validation", "eval"),
+        subject: str | None = None) -> Plan:
   """The fastest setting that fits, from compiled memory: for each remat policy (none, dots,
   full), the most rows per device (fewest microsteps) -- first estimated from a compile as
   state + rows x temporaries per row, then compiled to check -- and the first policy that fits
@@ -323,6 +325,8 @@ def fit(cfg: ml_collections.ConfigDict, target: Target,
                               len(target.devices))
   most = max(1, cfg.data.global_batch // (shape[0] * shape[1]))
   budget = BUDGET * target.hbm_bytes
+  errors: list[ConfigError] = []  # configs that cannot run at some rows (e.g. lam)
+  compiled = [False]
 
   def attempt(rows: int, remat: str) -> tuple[ml_collections.ConfigDict, float | None, float]:
     """(config, total bytes or None if it does not fit/compile, temporaries)."""
@@ -330,7 +334,9 @@ def fit(cfg: ml_collections.ConfigDict, target: Target,
     c.mesh.max_device_rows, c.mesh.microsteps, c.model.remat = rows, 0, remat
     try:
       m = build(c, target, ("train",)).functions[0].memory
-    except ConfigError:
+      compiled[0] = True
+    except ConfigError as e:
+      errors.append(e)
       return c, None, math.nan  # lam not representable with these rows
     except DoesNotFit as e:
       log(f"fit: {rows} rows/device, remat {remat}: refused by the compiler "
@@ -355,8 +361,11 @@ def fit(cfg: ml_collections.ConfigDict, target: Target,
     if best is not None and best[1] >= MIN_ROWS:
       break
   if best is None:
-    raise ConfigError(f"--topology={target.name}: no setting fits (1 row per device with full "
-                      "remat is too large); use more devices or fsdp (--config.mesh.fsdp)")
+    if errors and not compiled[0]:  # nothing could even be built: that is the error
+      raise errors[-1]
+    raise ConfigError(f"{subject or '--topology=' + target.name}: no setting fits "
+                      f"{target.name} (1 row per device with full remat is too large); use more "
+                      "devices or fsdp (--config.mesh.fsdp)")
   return build(best[0], target, functions)
 
 
@@ -366,20 +375,38 @@ def fit_to_devices(cfg: ml_collections.ConfigDict, log: Callable[[str], None]) -
   if cfg.mesh.microsteps:
     raise ConfigError(f"mesh.max_device_rows=-1 (fit) chooses the microsteps; leave "
                       f"mesh.microsteps=0 (got {cfg.mesh.microsteps})")
-  target = local_target(cfg.mesh.device_memory_gb * 1e9)
+  # Every process fits to the smallest device memory of the job and takes process 0's choice,
+  # so all run one program (each branch below is taken by all processes or none).
+  error, target = None, None
+  try:
+    target = local_target(cfg.mesh.device_memory_gb * 1e9)
+  except ConfigError as e:
+    error = e
+  distributed.agree_or_raise(error, ConfigError(
+      "mesh.max_device_rows=-1: another process cannot size its devices (see its log)"))
+  target.hbm_bytes = distributed.smallest(target.hbm_bytes)
   log(f"fitting rows per device and remat to {target.name} ({_gb(target.hbm_bytes)} per device"
       f"{', an estimate on CPU' if target.estimate else ''}, budget {BUDGET:.0%})…")
   c = ml_collections.ConfigDict(cfg.to_dict())
   c.mesh.max_device_rows = 0
-  plan = fit(c, target, log, functions=("train", "validation"))
-  worst = plan.worst()
-  if not plan.fits():
-    raise ConfigError(f"mesh.max_device_rows=-1: nothing fits {target.name}: {worst.name} needs "
-                      f"{_gb(worst.memory['total'])} of {_gb(target.hbm_bytes)} per device at 1 row"
-                      " with full remat; use more devices or fsdp (mesh.fsdp)")
-  cfg.mesh.max_device_rows = plan.cfg.mesh.max_device_rows
-  cfg.model.remat = plan.cfg.model.remat
-  log(f"fitted: mesh.max_device_rows={cfg.mesh.max_device_rows} model.remat={cfg.model.remat} "
+  choice = [0, 0]
+  try:
+    plan = fit(c, target, log, functions=("train", "validation"),
+               subject="mesh.max_device_rows=-1")
+    worst = plan.worst()
+    if not plan.fits():
+      raise ConfigError(f"mesh.max_device_rows=-1: nothing fits {target.name}: {worst.name} "
+                        f"needs {_gb(worst.memory['total'])} of {_gb(target.hbm_bytes)} per device "
+                        f"with {plan.cfg.mesh.max_device_rows} rows and remat "
+                        f"{plan.cfg.model.remat}; use more devices or fsdp (mesh.fsdp)")
+    choice = [plan.cfg.mesh.max_device_rows, REMAT_LADDER.index(plan.cfg.model.remat)]
+  except ConfigError as e:
+    error = e
+  distributed.agree_or_raise(error, ConfigError(
+      "mesh.max_device_rows=-1: the fit failed on another process (see its log)"))
+  rows, remat = distributed.from_main(choice)
+  cfg.mesh.max_device_rows, cfg.model.remat = rows, REMAT_LADDER[remat]
+  log(f"fitted: mesh.max_device_rows={rows} model.remat={cfg.model.remat} "
       f"({worst.name} {_gb(worst.memory['total'])}, "
       f"{100 * worst.memory['total'] / target.hbm_bytes:.0f}% of {_gb(target.hbm_bytes)})")
 

@@ -71,9 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (77% of a v5p chip, remat none); for other targets run it and use its overrides (8xH200:
       # 4 rows by the CPU compiler's estimate).
       max_device_rows=16,
-      # -1 instead: fit rows per device and model.remat at start-up from the compiled memory of
-      # the step on these devices (dualjax.compile's --fit), within this memory per device in GB
-      # (0 = what the device reports; set it on CPU).
+      # -1 instead: fit rows per device and model.remat (it replaces the configured one) at
+      # start-up from the compiled memory of the step and validation on these devices
+      # (dualjax.compile's --fit), within this memory per device in GB (0 = what the devices
+      # report, the smallest over the processes; set it on CPU). In-training evaluation's scorer
+      # is not part of the fit.
       device_memory_gb=0.0,
       # Logical axis -> mesh axis (dualjax/sharding.py): parameters FSDP over hidden dims and
       # tensor-parallel over heads/MLP/vocab; activation rows over replica x fsdp.

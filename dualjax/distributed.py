@@ -35,6 +35,21 @@ def agree_or_raise(error: BaseException | None, elsewhere: BaseException) -> Non
     raise error if error is not None else elsewhere
 
 
+def smallest(x: float) -> float:
+  """The minimum of `x` over all processes (float32 precision)."""
+  if jax.process_count() == 1:
+    return x
+  return float(np.min(multihost_utils.process_allgather(np.float32(x))))
+
+
+def from_main(values: list[int]) -> list[int]:
+  """Process 0's `values` (small int32s) on every process."""
+  if jax.process_count() == 1:
+    return list(values)
+  got = multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))
+  return [int(v) for v in np.asarray(got)]
+
+
 def barrier(name: str) -> None:
   """Waits for every process to reach the barrier `name`."""
   if jax.process_count() > 1:

@@ -135,11 +135,19 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
   and remat to the devices (compiling the step; `cfg` is updated in place).
   """
   workdir = pathlib.Path(workdir)
-  config_lib.model_config(cfg)  # validates before anything is compiled
-  _check_trainer_fields(cfg)
   if cfg.mesh.max_device_rows == -1:
+    probe = ml_collections.ConfigDict(cfg.to_dict())
+    probe.mesh.max_device_rows = 0
+    error = None
+    try:
+      plan(probe, workdir)  # every other check first: a bad config costs no compile
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    distributed.agree_or_raise(error, ConfigError(
+        "start-up checks failed on another process (see its log)"))
     compile_lib.fit_to_devices(cfg, log.info)  # sets max_device_rows and remat in cfg
   mc = config_lib.model_config(cfg)
+  _check_trainer_fields(cfg)
   prepare_lib.check_config(cfg.data, mc.vocab_size)
   pipeline.check_config(cfg.data, mc.max_seq_len, jax.process_count())
   mesh = mesh_lib.mesh_from_config(cfg.mesh)

@@ -91,6 +91,10 @@ def test_fit_to_devices_picks_the_most_rows_within_the_memory():
   cfg.mesh.max_device_rows, cfg.mesh.device_memory_gb = -1, 0.0  # a CPU reports no memory
   with pytest.raises(ConfigError, match="mesh.device_memory_gb: the cpu devices report no"):
     compile_lib.fit_to_devices(cfg, logs.append)
+  # A config that cannot run at any rows says why (not "no setting fits").
+  cfg.mesh.device_memory_gb, cfg.objective.lam = 50.0, 0.3
+  with pytest.raises(ConfigError, match=r"objective.lam=0.3 is not representable"):
+    compile_lib.fit_to_devices(cfg, logs.append)
 
 
 def test_analytic_flops_match_an_unrolled_compile():

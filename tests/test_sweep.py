@@ -201,7 +201,7 @@ def test_main_finished_and_help(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_local_tiny_sweep_end_to_end(tmp_path):
+def test_local_tiny_sweep_end_to_end(tmp_path, eval_data_dir):  # the tiny sweep evaluates ARC-E
   """2 x 2 tiny points train one after another; a second call skips them; --collect fills
   every column of the results CSV."""
   root = tmp_path / "root"
