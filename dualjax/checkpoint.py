@@ -85,6 +85,23 @@ class _OrbaxLogFilter(logging.Filter):
     return True
 
 
+class _AsyncioFilter(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records of Orbax/tensorstore tasks
+  (an abandoned restore's reads fail after we already reported the checkpoint in one line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    if not msg.startswith("Task exception was never retrieved"):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    text = msg + repr(exc) + "".join(getattr(exc, "__notes__", []) or [])
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+      text += tb.tb_frame.f_code.co_filename
+      tb = tb.tb_next
+    return not ("orbax" in text or "tensorstore" in text)
+
+
 class _StderrFilter:
   """A sys.stderr wrapper that drops the tracebacks tensorstore prints (PyErr_Print) when a future
   completes after Orbax closed its event loop: `RuntimeError: Event loop is closed`, and the
@@ -143,6 +160,9 @@ def quiet_orbax() -> None:
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _OrbaxLogFilter) for f in absl_logger.filters):
     absl_logger.addFilter(_OrbaxLogFilter())
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AsyncioFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AsyncioFilter())
   if not isinstance(sys.stderr, _StderrFilter):
     sys.stderr = _StderrFilter(sys.stderr)
 
