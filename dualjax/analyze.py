@@ -13,7 +13,6 @@ stderr and exit code 2, before anything is written.
 """
 
 import math
-import os
 import pathlib
 import sys
 
@@ -50,14 +49,7 @@ def _note(message: str) -> None:
 
 
 def _check_flags() -> study.Options:
-  if not _OUT.value:
-    cli.fail("--out is required (the output directory)")
-  out = pathlib.Path(_OUT.value)
-  if out.exists() and not out.is_dir():
-    cli.fail(f"--out={out}: exists and is not a directory")
-  ancestor = next(p for p in [out, *out.absolute().parents] if p.exists())
-  if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-    cli.fail(f"--out={out}: cannot write under {ancestor}")
+  cli.output_dir(_OUT.value, "the output directory")
   if not (_NU.value > 0):
     cli.fail(f"--nu={_NU.value:g}: the Matérn smoothness must be > 0")
   if _RESTARTS.value < 0:

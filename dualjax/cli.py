@@ -29,6 +29,20 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def output_dir(value: str | None, what: str) -> pathlib.Path:
+  """`--out=value` as a directory to write into (made later): fails in one line (exit 2) when it
+  is missing (`what` says what it is for), is a file, or sits under an unwritable directory."""
+  if not value:
+    fail(f"--out is required ({what})")
+  out = pathlib.Path(value)
+  if out.exists() and not out.is_dir():
+    fail(f"--out={out}: exists and is not a directory")
+  ancestor = next(p for p in [out, *out.absolute().parents] if p.exists())
+  if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+    fail(f"--out={out}: cannot write under {ancestor}")
+  return out
+
+
 def one_line(e: BaseException | str) -> str:
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__

@@ -43,7 +43,6 @@ from typing import Any, Sequence
 
 from absl import flags
 import jax
-import matplotlib
 from matplotlib import figure as mpl_figure
 import ml_collections
 import numpy as np
@@ -497,15 +496,7 @@ def figure(curves: Sequence[inputs.Curve], rs: Sequence[int], path: pathlib.Path
 
 
 def _check_out() -> pathlib.Path:
-  if not _OUT.value:
-    cli.fail("--out is required (the replication's directory)")
-  out = pathlib.Path(_OUT.value)
-  if out.exists() and not out.is_dir():
-    cli.fail(f"--out={out}: exists and is not a directory")
-  ancestor = next(p for p in [out, *out.absolute().parents] if p.exists())
-  if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-    cli.fail(f"--out={out}: cannot write under {ancestor}")
-  return out
+  return cli.output_dir(_OUT.value, "the replication's directory")
 
 
 def main(argv: list[str]) -> int:
