@@ -20,6 +20,7 @@ SIGTERM before the loop exits at once (code 0); in the loop it saves at the next
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -297,25 +298,34 @@ class Trainer:
     training metrics."""
     try:
       last = self._run()
-    except BaseException:
-      self._close(quiet=True)
+    except BaseException as e:
+      self._close(in_flight=e)
       raise
-    self._close(quiet=False)
+    self._close(in_flight=None)
     return last
 
-  def _close(self, quiet: bool) -> None:
+  def _close(self, in_flight: BaseException | None) -> None:
+    """Waits for the last save and closes the writers, raising what failed. With an error
+    `in_flight`, only a failed save is raised over it, and only when that error is a full
+    disk (a log write met the disk an asynchronous save had filled: the save is the cause)."""
+    error: Exception | None = None
     try:
       self.ckpt.close()  # waits for the last save: CheckpointError if it failed
-    except ckpt_lib.CheckpointError:
-      if not quiet:
-        raise
-    finally:
-      if self.writer is not None:
-        self.writer.close()
-      if self.progress is not None:
-        self.progress.close()
-      if self._own_signals:
-        self.signals.restore()
+    except ckpt_lib.CheckpointError as e:
+      if in_flight is None or (isinstance(in_flight, OSError)
+                               and in_flight.errno in (errno.ENOSPC, errno.EDQUOT)):
+        error = e
+    for closable in (self.writer, self.progress):
+      try:
+        if closable is not None:
+          closable.close()
+      except OSError as e:
+        if in_flight is None and error is None:
+          error = e
+    if self._own_signals:
+      self.signals.restore()
+    if error is not None:
+      raise error from None
 
   def _run(self) -> dict[str, Any]:
     cfg, p = self.cfg, self.p
