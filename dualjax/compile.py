@@ -190,7 +190,8 @@ def compile_train(cfg: ml_collections.ConfigDict, mesh: Mesh
   o = cfg.objective
   fn = jax.jit(step_lib.make_train_step(mc, split, mesh, spec.optimizer,
                                         ar_loss_scale=o.ar_loss_scale, z_loss=o.z_loss,
-                                        rules=config_lib.rules(cfg)),
+                                        rules=config_lib.rules(cfg),
+                                        grad_shardings=spec.grad_shardings),
                in_shardings=(spec.shardings, mesh_lib.batch_sharding(mesh)),
                out_shardings=(spec.shardings, None), donate_argnums=(0,))
   batch = _rows(cfg.data.global_batch, cfg.data.seq_len + 1, mesh, mesh_lib.BATCH_AXES)
@@ -437,8 +438,24 @@ def report(plan: Plan, calibration: dict[str, float] | None = None) -> str:
                  f"{calibration['layer_ratio']:.3f}, head {calibration['rest_ratio']:.3f}")
   coll = plan.functions[0].collectives() if plan.functions[0].name == "train step" else {}
   for kind, st in sorted((k, v) for k, v in coll.items() if not k.startswith("_")):
-    lines.append(f"train step {kind:18s} x{st['count']:<5d} {_gb(st['bytes'])} per device")
+    lines.append(f"train step {kind:18s} x{st['count']:<5d} {_gb(st['bytes'])} per device, "
+                 f"{_gb(st['wire_bytes'])} on the wire")
+  minimum = all_reduce_minimum(plan)
+  if coll and minimum:
+    wire = sum(v["wire_bytes"] for v in coll.values())
+    lines.append(f"train step collectives on the wire {_gb(wire)} = {wire / minimum:.2f}x one "
+                 f"all-reduce of the gradients ({_gb(minimum)})")
   return "\n".join(lines)
+
+
+def all_reduce_minimum(plan: Plan) -> float | None:
+  """Wire bytes per device of one ring all-reduce of the fp32 gradients, 2 P (n-1)/n: the
+  analytic minimum of a data-parallel step (None on fsdp/tensor meshes or one device)."""
+  n, shape = plan.mesh.size, plan.mesh.shape
+  train = plan.functions[0]
+  if n == 1 or shape["fsdp"] > 1 or shape["tensor"] > 1 or train.name != "train step":
+    return None
+  return 2 * train.memory["params"] * (n - 1) / n
 
 
 # ------------------------------------------------------------------------------------------------

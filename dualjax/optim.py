@@ -50,9 +50,17 @@ def newton_schulz(g_xMxN: jax.Array, steps: int = 5, eps: float = 1e-7,
   bf16 would be 3.4375, -4.78125, 2.03125: 4-7% from exact instead of 1.5-3%). Every rounding is
   explicit, so the result does not depend on how XLA fuses the surrounding computation.
   """
+  return _ns_iterations(_normalised(g_xMxN.astype(jnp.float32), eps, dtype), steps, dtype)
+
+
+def _normalised(x: jax.Array, eps: float, dtype: Any) -> jax.Array:
+  """x / (|x|_F + eps), rounded to `dtype` (kept in fp32): NS's input."""
+  return _rounded(x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps), dtype)
+
+
+def _ns_iterations(x: jax.Array, steps: int, dtype: Any) -> jax.Array:
+  """The quintic iterations on normalised matrices (`newton_schulz`'s roundings)."""
   f32 = jnp.float32
-  x = g_xMxN.astype(f32)
-  x = _rounded(x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps), dtype)
   tall = x.shape[-2] > x.shape[-1]
   if tall:
     x = jnp.swapaxes(x, -1, -2)
@@ -133,17 +141,77 @@ def sharded_ns(mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bf
                        out_specs=jax.sharding.PartitionSpec(), check_vma=False)
 
 
+class MuonShards:
+  """ZeRO-1 for Muon on a data-parallel mesh (every device holds the parameters whole).
+
+  Each Muon matrix's momentum is stored sharded over all devices along its wide dimension
+  (`sharding`), so the step's summed gradient arrives reduce-scattered (fp32, half an
+  all-reduce) and the momentum update is local. Newton-Schulz then needs whole matrices:
+  `ns` normalises each matrix (a psum of K sums of squares), moves the bf16 shards with one
+  all-to-all so that each device holds K/n whole matrices, orthogonalises them and all-gathers
+  the bf16 results. Per device on the wire: 4 + 2 + 2 bytes per Muon parameter, as one fp32
+  all-reduce (8); NS FLOPs / n. A matrix whose wide dimension n does not divide keeps a
+  replicated momentum and `sharded_ns` (whole-matrix shares, one all-gather).
+  """
+
+  def __init__(self, mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bfloat16):
+    self.mesh, self.steps, self.eps, self.dtype = mesh, steps, eps, dtype
+    self.axes = tuple(mesh.axis_names)
+    self.n = mesh.size
+    self._whole = sharded_ns(mesh, steps, eps, dtype)
+
+  def spec(self, shape: tuple[int, ...]) -> jax.sharding.PartitionSpec | None:
+    """The momentum's PartitionSpec: the wide dimension (the larger of the last two; the last
+    when square) over every device; None (replicated) when it does not divide."""
+    wide = len(shape) - 1 if shape[-1] >= shape[-2] else len(shape) - 2
+    if shape[wide] % self.n:
+      return None
+    spec: list[Any] = [None] * len(shape)
+    spec[wide] = self.axes
+    return jax.sharding.PartitionSpec(*spec)
+
+  def sharding(self, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, self.spec(shape) or jax.sharding.PartitionSpec())
+
+  def constrain(self, x: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, self.sharding(x.shape))
+
+  def ns(self, stack_KxMxN: jax.Array) -> jax.Array:
+    """NS of each wide [m, n] matrix of a stack whose n is sharded (`spec`); replicated out."""
+    K, n = stack_KxMxN.shape[0], self.n
+    if self.spec(stack_KxMxN.shape) is None:
+      return self._whole(stack_KxMxN)
+    axes, steps, eps, dtype = self.axes, self.steps, self.eps, self.dtype
+    k = -(-K // n)
+
+    def local(x):  # [K, m, n/devices] fp32
+      sq = jax.lax.psum(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True), axes)
+      x = _rounded(x / (jnp.sqrt(sq) + eps), dtype).astype(dtype)
+      x = jnp.concatenate([x, jnp.zeros((k * n - K,) + x.shape[1:], dtype)])
+      mine = jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=2, tiled=True)  # [k, m, n]
+      o = _ns_iterations(mine.astype(jnp.float32), steps, dtype).astype(dtype)
+      return jax.lax.all_gather(o, axes, axis=0, tiled=True)[:K].astype(jnp.float32)
+
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(local, mesh=self.mesh, in_specs=P(None, None, axes), out_specs=P(),
+                         check_vma=False)(self.constrain(stack_KxMxN))
+
+
 def muon(learning_rate: ScalarOrSchedule, *, momentum: float = 0.95, ns_steps: int = 5,
          weight_decay: float = 0.1, eps: float = 1e-7, ns_dtype: Any = jnp.bfloat16,
-         scale_dims: Mapping[str, int] | None = None, ns: NsFn | None = None
+         scale_dims: Mapping[str, int] | None = None, ns: NsFn | MuonShards | None = None
          ) -> optax.GradientTransformation:
   """Muon on every leaf (each >= 2-D; leading axes are batch); returns ready updates.
 
   `scale_dims`: parameter path (`jax.tree_util.keystr`) -> max(rows, cols) of its LOGICAL shape,
   for parameters stored padded (the FFN); default: the stored shape. `ns`: how a stack of
-  matrices is orthogonalised (e.g. `sharded_ns(mesh)`); default `newton_schulz` here.
+  matrices is orthogonalised (e.g. `sharded_ns(mesh)`), or a `MuonShards` (momentum sharded
+  over the devices; the gradients then arrive reduce-scattered); default `newton_schulz` here.
   """
-  ns = ns or (lambda stack: newton_schulz(stack, ns_steps, eps, ns_dtype))
+  shards = ns if isinstance(ns, MuonShards) else None
+  constrain = shards.constrain if shards else (lambda x: x)
+  ns = (shards.ns if shards else ns) or (
+      lambda stack: newton_schulz(stack, ns_steps, eps, ns_dtype))
 
   def init_fn(params):
     for path, p in jax.tree_util.tree_leaves_with_path(params):
@@ -157,7 +225,9 @@ def muon(learning_rate: ScalarOrSchedule, *, momentum: float = 0.95, ns_steps: i
     if params is None:
       raise ValueError("muon: update needs params (decoupled weight decay)")
     lr = _lr(learning_rate, state.count)
-    buf = jax.tree.map(lambda b, g: momentum * b + g.astype(jnp.float32), state.momentum, updates)
+    updates = jax.tree.map(constrain, updates)  # with MuonShards: reduce-scattered
+    buf = jax.tree.map(lambda b, g: constrain(momentum * b + g.astype(jnp.float32)),
+                       state.momentum, updates)
     paths_g, treedef = jax.tree_util.tree_flatten_with_path(updates)
     bs, ps = jax.tree.leaves(buf), jax.tree.leaves(params)
     os = orthogonalise_all([g.astype(jnp.float32) + momentum * b for (_, g), b in zip(paths_g, bs)],
@@ -246,9 +316,16 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  # Newton-Schulz divided among the devices of a data-parallel mesh (+ one all-gather of the
-  # orthogonalised matrices), instead of repeated on every device.
+  # Muon's momentum and Newton-Schulz divided among the devices of a data-parallel mesh
+  # (`MuonShards`), instead of repeated on every device.
   sharded_ns: bool = True
+
+
+def muon_shards(mesh: Any, cfg: OptimConfig) -> MuonShards | None:
+  """`MuonShards` on a data-parallel `mesh` of more than one device when `cfg.sharded_ns`."""
+  if mesh is None or mesh.size == 1 or not cfg.sharded_ns:
+    return None
+  return MuonShards(mesh, cfg.ns_steps)
 
 
 def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
@@ -258,7 +335,8 @@ def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
   parameters' logical axes, `dualjax.model.logical_axes`); `cfg.learning_rate` is not used.
 
   `logical_shapes` (`model.logical_shapes`): Muon's scale uses them for padded parameters.
-  `mesh`: Muon's Newton-Schulz divided among its devices (`sharded_ns`) when `cfg.sharded_ns`.
+  `mesh`: a data-parallel mesh (devices hold the parameters whole): Muon's momentum and
+  Newton-Schulz are divided among its devices (`MuonShards`) when `cfg.sharded_ns`.
   """
   scale_dims = None
   if logical_shapes is not None:
@@ -269,7 +347,7 @@ def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
   return optax.multi_transform(
       {"muon": muon(learning_rate, momentum=cfg.momentum, ns_steps=cfg.ns_steps,
                     weight_decay=cfg.weight_decay, scale_dims=scale_dims,
-                    ns=sharded_ns(mesh, cfg.ns_steps) if cfg.sharded_ns else None),
+                    ns=muon_shards(mesh, cfg)),
        "adamw": adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay)},
       param_labels(logical_axes))

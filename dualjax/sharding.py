@@ -76,11 +76,13 @@ def _names(path: Sequence[Any]) -> tuple[str, ...]:
 
 def state_shardings(logical_axes: Any, abstract_params: Any,
                     optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
+                    rules: Rules = DEFAULT_RULES, override: Any = None) -> dict[str, Any]:
   """Shardings of the train state {params, opt_state, step, rng}.
 
   An optimizer-state leaf whose path ends with a parameter's path and has its shape (moments,
   momentum buffers) is sharded like that parameter; anything else (counts) is replicated.
+  `override(path names, shape)` may give an optimizer-state leaf its own sharding (None: the
+  rule above).
   """
   p_sh = param_shardings(logical_axes, abstract_params, mesh, rules)
   by_path = {}
@@ -91,6 +93,9 @@ def state_shardings(logical_axes: Any, abstract_params: Any,
 
   def opt_leaf(path, x):
     names = _names(path)
+    own = override(names, x.shape) if override else None
+    if own is not None:
+      return own
     for start in range(len(names)):
       hit = by_path.get(names[start:])
       if hit is not None and tuple(hit[0]) == tuple(x.shape):

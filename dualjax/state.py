@@ -22,20 +22,28 @@ from dualjax.errors import ConfigError
 State = dict[str, Any]
 
 
+def muon_shards(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
+                ) -> optim.MuonShards | None:
+  """Muon divided among the devices (`optim.MuonShards`) on a mesh whose devices all hold the
+  parameters whole (no fsdp/tensor sharding), if `optim.sharded_ns`; on fsdp/tensor meshes
+  Muon runs on the sharded matrices, which divides it too."""
+  whole = mesh is not None and mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
+  try:
+    return optim.muon_shards(mesh if whole else None, optim.optim_config(cfg.optim))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
                    ) -> optax.GradientTransformation:
-  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes.
-
-  On a mesh whose devices all hold the parameters whole (no fsdp/tensor sharding), Muon's
-  Newton-Schulz is divided among the devices (`optim.sharded_ns`, if `optim.sharded_ns`); on
-  fsdp/tensor meshes it runs on the sharded matrices, which divides it too.
-  """
+  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes;
+  Muon divided among the devices of a data-parallel `mesh` (`muon_shards`)."""
   mc = config_lib.model_config(cfg)
-  whole = mesh is not None and mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
+  shards = muon_shards(cfg, mesh)
   try:
     return optim.make_optimizer_from_config(
         cfg.optim, model_lib.logical_axes(mc), total_steps=cfg.train.steps,
-        logical_shapes=model_lib.logical_shapes(mc), mesh=mesh if whole else None)
+        logical_shapes=model_lib.logical_shapes(mc), mesh=shards.mesh if shards else None)
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
 
@@ -72,6 +80,9 @@ class StateSpec:
   shardings: State
   init: Callable[[], State]  # the initial state (unsharded: jit with out_shardings)
   optimizer: optax.GradientTransformation
+  # Per parameter: the sharding its summed gradient should arrive in (Muon's momentum sharding
+  # under optim.MuonShards), or None (replicated, as the parameter); None when there is none.
+  grad_shardings: Any = None
 
 
 def state_spec(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StateSpec:
@@ -79,11 +90,29 @@ def state_spec(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> State
   mc = config_lib.model_config(cfg)
   optimizer = make_optimizer(cfg, mesh)
   init = init_state_fn(cfg.seed, mc, optimizer)
-  shardings = sharding.state_shardings(model_lib.logical_axes(mc), model_lib.abstract_params(mc),
-                                       optimizer, mesh, config_lib.rules(cfg))
+  shards = muon_shards(cfg, mesh)
+  shardings = sharding.state_shardings(
+      model_lib.logical_axes(mc), model_lib.abstract_params(mc), optimizer, mesh,
+      config_lib.rules(cfg), override=_momentum_sharding(shards) if shards else None)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init), shardings)
-  return StateSpec(abstract, shardings, init, optimizer)
+  grad_shardings = None
+  if shards:
+    labels = optim.param_labels(model_lib.logical_axes(mc))
+    grad_shardings = jax.tree.map(
+        lambda label, p: shards.sharding(tuple(p.shape)) if label == "muon" else None,
+        labels, model_lib.abstract_params(mc))
+  return StateSpec(abstract, shardings, init, optimizer, grad_shardings)
+
+
+def _momentum_sharding(shards: optim.MuonShards) -> Callable[[tuple[str, ...], tuple[int, ...]],
+                                                               Any]:
+  """Muon's momentum buffers sharded as `shards` keeps them (None: the default rule)."""
+  def override(names, shape):
+    if "muon" in names and "momentum" in names and len(shape) >= 2:
+      return shards.sharding(tuple(shape))
+    return None
+  return override
 
 
 def initial_state(spec: StateSpec) -> State:

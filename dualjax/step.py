@@ -133,9 +133,30 @@ def _metrics(split: ObjectiveSplit, ar_loss: jax.Array, mdm_loss: jax.Array,
   return metrics
 
 
+def reduce_replicas(grads_R: Params, mesh: Mesh, grad_shardings: Any = None) -> Params:
+  """Sums per-replica gradients [R, ...] (leading axis over 'replica') once: an all-reduce, or,
+  for a leaf whose entry of `grad_shardings` shards one dimension over the whole mesh (Muon's
+  momentum, `optim.MuonShards`; a data-parallel mesh), a reduce-scatter into that sharding."""
+  if grad_shardings is None:
+    return jax.tree.map(lambda g: g.sum(0), grads_R)
+  axes = tuple(mesh.axis_names)
+
+  def one(g_R, sh):
+    spec = tuple(sh.spec) if sh is not None else ()
+    dims = [d for d, entry in enumerate(spec) if entry is not None]
+    if not dims:
+      return g_R.sum(0)
+    scatter = jax.shard_map(
+        lambda g: lax.psum_scatter(g[0], axes, scatter_dimension=dims[0], tiled=True),
+        mesh=mesh, in_specs=P(axes), out_specs=sh.spec, check_vma=False)
+    return scatter(g_R)
+  return jax.tree.map(one, grads_R, grad_shardings, is_leaf=lambda x: x is None)
+
+
 def make_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: Mesh, *,
                  ar_loss_scale: float, z_loss: float,
-                 rules: sharding.Rules = sharding.DEFAULT_RULES) -> GradFn:
+                 rules: sharding.Rules = sharding.DEFAULT_RULES,
+                 grad_shardings: Any = None) -> GradFn:
   """`grad_fn(params, batch, key) -> (grads, metrics)` for one optimizer step (module docstring).
 
   The batch arrives in global row order; it is arranged over the cells (a permutation of rows,
@@ -143,8 +164,8 @@ def make_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: 
   reduction of the gradients over replicas per step:
     one replica: plain SPMD;
     time split, R > 1: the replicas' cells side by side, `vmap` over a leading replica axis
-      (spmd_axis_name='replica'), each replica's gradient accumulated locally, summed once;
-      any mesh (fsdp, tensor);
+      (spmd_axis_name='replica'), each replica's gradient accumulated locally, summed once
+      (`reduce_replicas`: reduce-scattered into `grad_shardings` where given); any mesh;
     device split: a partial-manual `shard_map` over 'replica' with the mixed microstep's
       `lax.cond`, one psum; needs mesh tensor = 1 (XLA cannot partition tensor-parallel
       collectives inside a partial-manual region, jax 0.10).
@@ -208,7 +229,8 @@ def make_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: 
       with sharding.activation_rules(mesh, inner_rules, vmapped_axes=("replica",)):
         grads_R, a, b = accumulate(params, micro, split, replicas(ar_vg, key, ar_norm),
                                    replicas(mdm_vg, key, mdm_norm), zeros)
-      return jax.tree.map(lambda g: g.sum(0), grads_R), _metrics(split, a, b, ar_loss_scale)
+      return (reduce_replicas(grads_R, mesh, grad_shardings),
+              _metrics(split, a, b, ar_loss_scale))
     return time_split
 
   n_ar_mixed = split.n_ar % R  # replicas that run AR in the mixed microstep
@@ -226,30 +248,35 @@ def make_grad_fn(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: 
       grads, a, b = accumulate(params, cell_rows(batch, M), split, call(ar_vg, key, ar_norm),
                                call(mdm_vg, key, mdm_norm), jax.tree.map(jnp.zeros_like, params),
                                mixed)
-    grads = lax.psum(grads, "replica")  # the one reduction
     a, b = lax.psum((a, b), "replica")
-    return grads, _metrics(split, a, b, ar_loss_scale)
+    # Each replica's gradient leaves the manual region unreduced (a leading replica axis), to be
+    # summed once outside, where the partitioner can reduce-scatter it into a sharded
+    # optimizer state (optim.MuonShards) instead of all-reducing it.
+    return jax.tree.map(lambda g: g[None], grads), _metrics(split, a, b, ar_loss_scale)
 
   manual = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("replica"), P(), P(), P()),
-                         out_specs=(P(), P()), axis_names={"replica"}, check_vma=False)
+                         out_specs=(P("replica"), P()), axis_names={"replica"}, check_vma=False)
 
   def device_split(params, batch, key):
     with sharding.activation_rules(mesh, rules):
       batch, ar_norm, mdm_norm = prepare(batch)
-    return manual(params, batch, key, ar_norm, jnp.asarray(mdm_norm, jnp.float32))
+    grads_R, metrics = manual(params, batch, key, ar_norm, jnp.asarray(mdm_norm, jnp.float32))
+    return reduce_replicas(grads_R, mesh, grad_shardings), metrics  # the one reduction
   return device_split
 
 
 def make_train_step(model_cfg: model_lib.ModelConfig, split: ObjectiveSplit, mesh: Mesh,
                     optimizer: optax.GradientTransformation, *, ar_loss_scale: float,
-                    z_loss: float, rules: sharding.Rules = sharding.DEFAULT_RULES
+                    z_loss: float, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                    grad_shardings: Any = None
                     ) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], dict]]:
   """`train_step(state, batch) -> (state, metrics)`; state = {params, opt_state, step, rng}.
 
   The step's noise key is `fold_in(rng, step)`, so a resumed run draws the same noise.
+  `grad_shardings` (`state.StateSpec.grad_shardings`): where the summed gradients go sharded.
   """
   grad_fn = make_grad_fn(model_cfg, split, mesh, ar_loss_scale=ar_loss_scale, z_loss=z_loss,
-                         rules=rules)
+                         rules=rules, grad_shardings=grad_shardings)
 
   def train_step(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])

@@ -245,7 +245,8 @@ class Trainer:
     o = cfg.objective
     self.train_step = jax.jit(
         step_lib.make_train_step(p.model_cfg, p.split, p.mesh, self.spec.optimizer,
-                                 ar_loss_scale=o.ar_loss_scale, z_loss=o.z_loss, rules=p.rules),
+                                 ar_loss_scale=o.ar_loss_scale, z_loss=o.z_loss, rules=p.rules,
+                                 grad_shardings=self.spec.grad_shardings),
         in_shardings=(self.spec.shardings, mesh_lib.batch_sharding(p.mesh)),
         out_shardings=(self.spec.shardings, None), donate_argnums=(0,))
     self.scorer: scoring.Scorer | None = None  # built at the first evaluation, then reused

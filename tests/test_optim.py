@@ -143,6 +143,49 @@ def test_sharded_ns_is_newton_schulz():
   assert errs.max() < NS_BOUND and errs.mean() < NS_MEAN_BOUND, errs
 
 
+def test_muon_shards_divide_momentum_and_newton_schulz():
+  """ZeRO-1 for Muon (`MuonShards`) on 8 devices: each matrix's momentum is stored sharded along
+  its wide axis (1/8 per device), Newton-Schulz runs on each device's share of whole matrices,
+  and two steps' updates are plain Muon's up to the bf16 roundings of the normaliser (its sum
+  of squares is summed over devices in another order); the collectives are one all-to-all and
+  one all-gather per wide shape, and the per-matrix norms."""
+  mesh = mesh_lib.make_mesh(8, 1, 1)
+  shards = optim.MuonShards(mesh)
+  params = _model_params()
+  ps = dict(params["layers"]["attn"]) | dict(params["layers"]["mlp"])
+  rng = np.random.default_rng(9)
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), ps)
+           for _ in range(2)]
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  ps, grads = jax.device_put((ps, grads), rep)
+  out = {}
+  for name, ns in (("plain", None), ("shards", shards)):
+    tx = optim.muon(0.01, ns=ns)
+    state = tx.init(ps)
+    if ns is not None:
+      state = state._replace(momentum=jax.tree.map(
+          lambda m: jax.device_put(m, shards.sharding(m.shape)), state.momentum))
+    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
+    ups = []
+    for g in grads:
+      u, state = step(g, state, ps)
+      ups.append(u)
+    out[name] = (ups, state, step.lower(grads[0], state, ps).compile().as_text())
+  # the momentum stays sharded: [2, 16, 16] over its last axis, [2, 40, 16] (down) over rows
+  for k, m in out["shards"][1].momentum.items():
+    assert m.sharding.is_equivalent_to(shards.sharding(m.shape), m.ndim), (k, m.sharding)
+    assert m.addressable_shards[0].data.size * 8 == m.size, k
+  for a, b in zip(jax.tree.leaves(out["shards"][0]), jax.tree.leaves(out["plain"][0])):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 2e-3 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert np.mean(a == b) > 0.99, np.mean(a == b)  # measured: all equal
+  coll = hlo.collective_stats(out["shards"][2])
+  assert set(coll) == {"all-to-all", "all-gather", "all-reduce"}, coll
+  assert coll["all-to-all"]["count"] == coll["all-gather"]["count"] == 2, coll
+  assert coll["all-reduce"]["bytes"] <= 4 * 64, coll  # 8 + 6 sums of squares
+  assert hlo.collective_stats(out["plain"][2]) == {}
+
+
 SCHED = lambda count: 0.02 / (1.0 + count)   # a varying lr: checks which step's lr is used
 LRS = [0.02, 0.01, 0.02 / 3]
 

@@ -9,6 +9,7 @@ from dualjax import hlo
 from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import objectives
+from dualjax import optim
 from dualjax import sharding
 from dualjax import split as split_lib
 from dualjax import step as step_lib
@@ -143,3 +144,42 @@ def test_one_gradient_reduction_per_step(mesh_shape, lam, microsteps, program):
   big = [op for op in ops if op["payload"] > 1024]
   assert len(big) >= 1 and all(op["times"] == 1 for op in big), big  # outside the microstep loop
   assert param_bytes <= stats["all-reduce"]["bytes"] <= 1.01 * param_bytes + 1024, (stats, param_bytes)
+
+
+@pytest.mark.parametrize("mesh_shape,lam,microsteps,program", [
+    ((8, 1, 1), 0.5, 2, "time"),
+    ((4, 1, 1), 0.375, 0, "device"),
+])
+def test_muon_gradients_are_reduce_scattered(mesh_shape, lam, microsteps, program):
+  """With `grad_shardings` (ZeRO-1 for Muon, `optim.MuonShards`), the summed gradient of each
+  Muon matrix arrives reduce-scattered along its wide axis and the rest all-reduced, once per
+  step; the gradients are the reference's."""
+  n = int(np.prod(mesh_shape))
+  mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:n])
+  split = split_lib.make_split(lam, 16, mesh_shape[0], microsteps)
+  assert split.program == program
+  shards = optim.MuonShards(mesh)
+  labels = optim.param_labels(model_lib.logical_axes(CFG))
+  params = model_lib.init(CFG, jax.random.key(0))
+  grad_sh = jax.tree.map(lambda lab, p: shards.sharding(p.shape) if lab == "muon" else None,
+                         labels, params)
+  params = jax.device_put(params, sharding.param_shardings(model_lib.logical_axes(CFG), params,
+                                                            mesh))
+  batch, key = _batch(16), jax.random.key(3)
+  fn = jax.jit(step_lib.make_grad_fn(CFG, split, mesh, ar_loss_scale=SCALE, z_loss=1e-4,
+                                     grad_shardings=grad_sh))
+  batch_j = mesh_lib.to_global(batch, mesh)
+  grads, _ = fn(params, batch_j, key)
+  want, _, _ = _reference_grads(params, batch, key, split)
+  for g, w, lab in zip(jax.tree.leaves(grads), jax.tree.leaves(want), jax.tree.leaves(labels)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-7)
+    if lab == "muon":
+      assert g.addressable_shards[0].data.size * n == g.size, g.sharding
+  stats, ops = hlo.collective_stats(fn.lower(params, batch_j, key).compile().as_text(),
+                                    return_ops=True)
+  muon_bytes = sum(4 * p.size for p, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+                   if lab == "muon")
+  param_bytes = sum(4 * p.size for p in jax.tree.leaves(params))
+  assert stats["reduce-scatter"]["bytes"] == muon_bytes, stats  # fp32 in, once
+  assert param_bytes - muon_bytes <= stats["all-reduce"]["bytes"] <= param_bytes - muon_bytes + 1024
+  assert all(op["times"] == 1 for op in ops if op["payload"] > 1024), ops
