@@ -70,7 +70,7 @@ def test_combine_csv_and_table(two_runs, tmp_path):
   md = out.with_suffix(".md").read_text()
   assert md == r.stdout
   h = json.loads(two_runs[1].read_text())["headline"]["ar"]
-  assert f"| run2/step_200 | 200 | ar |" in md and f"{h['score']:.1f} ± {h['score_stderr']:.1f} |" in md
+  assert "| run2/step_200 | 200 | ar |" in md and f"{h['score']:.1f} ± {h['score_stderr']:.1f} |" in md
   assert "| run | step | mode | ARC-E | PIQA | Average |" in md
   r = _cli(str(two_runs[0]), str(two_runs[1]), "--labels=a,b", "--metric=acc")
   assert r.returncode == 0 and "| a | 100 | ar |" in r.stdout and "Average" not in r.stdout

@@ -13,7 +13,6 @@ See PROVENANCE.md.
 """
 
 import argparse
-import base64
 import gzip
 import hashlib
 import json

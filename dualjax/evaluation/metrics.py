@@ -184,7 +184,7 @@ def to_markdown(results: dict[str, Any]) -> str:
                     f"{fmt(s.get('acc_stderr'), '.4f')} | {s['score']:.1f} | "
                     f"{fmt(s.get('score_stderr'), '.1f')} |")
   step = results.get("step")
-  caption = (f"Normalised zero-shot scores, 100·(acc − chance)/(1 − chance)"
+  caption = ("Normalised zero-shot scores, 100·(acc − chance)/(1 − chance)"
              + (f", checkpoint step {step}" if step is not None else "") + "; ± standard error.")
   return (caption + "\n\n" + "\n".join(lines) + "\n\nPer task and mode (n items; acc and its "
           "standard error as lm-eval's; score = normalised accuracy):\n\n" + "\n".join(detail)
