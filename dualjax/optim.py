@@ -16,6 +16,7 @@ for non-square kernels; for square ones NS5(W^T) = NS5(W)^T up to bf16 rounding.
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -93,21 +94,25 @@ def _wide(x: jax.Array) -> tuple[jax.Array, bool]:
 NsFn = Callable[[jax.Array], jax.Array]  # [K, m, n] -> NS of each of the K matrices (fp32)
 
 
-def orthogonalise_all(gs: list[jax.Array], ns: NsFn) -> list[jax.Array]:
+def orthogonalise_all(gs: list[jax.Array], ns: Callable[..., jax.Array],
+                      specs: list[Any] | None = None) -> list[jax.Array]:
   """`ns` of every matrix of `gs` (each [..., m, n]), batched by wide shape.
 
   Matrices of one wide shape (all layers of q, k, v, o; of up, gate and down^T) are stacked into
-  one batch, so that `ns` can divide a batch among devices (`sharded_ns`).
+  one batch, so that `ns` can divide a batch among devices (`sharded_ns`). With `specs` (one
+  hashable per matrix: how its wide form is sharded), matrices are batched by (shape, spec) and
+  `ns(stack, spec)` is called.
   """
-  groups: dict[tuple[int, int], list[int]] = {}
+  groups: dict[Any, list[int]] = {}
   wide = []
   for i, g in enumerate(gs):
     w, tall = _wide(g.astype(jnp.float32))
     wide.append((w.reshape((-1,) + w.shape[-2:]), tall, g.shape))
-    groups.setdefault(w.shape[-2:], []).append(i)
+    groups.setdefault((w.shape[-2:], specs[i] if specs else None), []).append(i)
   out: list[jax.Array | None] = [None] * len(gs)
-  for members in groups.values():
-    o = ns(jnp.concatenate([wide[i][0] for i in members]))
+  for (_, spec), members in groups.items():
+    stack = jnp.concatenate([wide[i][0] for i in members])
+    o = ns(stack, spec) if specs else ns(stack)
     start = 0
     for i in members:
       w, tall, shape = wide[i]
@@ -197,17 +202,71 @@ class MuonShards:
                          check_vma=False)(self.constrain(stack_KxMxN))
 
 
+class ShardedMatrixNS:
+  """Newton-Schulz on an fsdp/tensor mesh, where each Muon matrix is stored sharded (DESIGN.md
+  §4). A stack of wide matrices sharded along one of its two matrix dimensions goes to whole-
+  matrix shares by a bf16 all-to-all over that dimension's mesh axes, is orthogonalised there
+  (NS FLOPs / the axes' size) and returns to its sharding by the inverse all-to-all, instead of
+  being gathered whole onto every device (or, sharded along both, having each NS matmul's
+  partial sums all-reduced). A stack sharded along both dimensions (fsdp x tensor) takes one
+  all-to-all per dimension each way; a replicated one runs `newton_schulz` as it is.
+  """
+
+  def __init__(self, mesh: Any, param_specs: Mapping[str, Any], steps: int = 5,
+               eps: float = 1e-7, dtype: Any = jnp.bfloat16):
+    self.mesh, self.param_specs = mesh, dict(param_specs)
+    self.steps, self.eps, self.dtype = steps, eps, dtype
+
+  def wide_spec(self, key: str, shape: tuple[int, ...]) -> tuple[Any, Any] | None:
+    """(m entry, n entry) of the wide form of parameter `key`; None if a leading axis is sharded."""
+    spec = tuple(self.param_specs.get(key, ()))
+    spec = spec + (None,) * (len(shape) - len(spec))
+    if any(e is not None for e in spec[:-2]):
+      return None
+    m, n = spec[-2], spec[-1]
+    return (n, m) if shape[-2] > shape[-1] else (m, n)
+
+  def __call__(self, stack_KxMxN: jax.Array, wide: tuple[Any, Any] | None) -> jax.Array:
+    steps, eps, dtype = self.steps, self.eps, self.dtype
+    if wide is None or wide == (None, None):
+      return newton_schulz(stack_KxMxN, steps, eps, dtype)
+    # (matrix dim of the stack, its mesh axes) for each sharded dimension
+    cuts = [(d, e if isinstance(e, tuple) else (e,)) for d, e in zip((1, 2), wide)
+            if e is not None]
+    every = tuple(a for _, axes in cuts for a in axes)
+    g = math.prod(self.mesh.shape[a] for a in every)
+    K = stack_KxMxN.shape[0]
+    k = -(-K // g)
+
+    def local(x):  # [K, m/gm, n/gn], fp32
+      sq = jax.lax.psum(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True), every)
+      x = _rounded(x / (jnp.sqrt(sq) + eps), dtype).astype(dtype)
+      x = jnp.concatenate([x, jnp.zeros((k * g - K,) + x.shape[1:], dtype)])
+      for dim, axes in cuts:  # whole matrices: K/g of them per device
+        x = jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=dim, tiled=True)
+      x = _ns_iterations(x.astype(jnp.float32), steps, dtype).astype(dtype)
+      for dim, axes in reversed(cuts):  # back to this device's shard of every matrix
+        x = jax.lax.all_to_all(x, axes, split_axis=dim, concat_axis=0, tiled=True)
+      return x[:K].astype(jnp.float32)
+
+    spec = jax.sharding.PartitionSpec(None, *wide)
+    return jax.shard_map(local, mesh=self.mesh, in_specs=spec, out_specs=spec,
+                         check_vma=False)(stack_KxMxN)
+
+
 def muon(learning_rate: ScalarOrSchedule, *, momentum: float = 0.95, ns_steps: int = 5,
          weight_decay: float = 0.1, eps: float = 1e-7, ns_dtype: Any = jnp.bfloat16,
-         scale_dims: Mapping[str, int] | None = None, ns: NsFn | MuonShards | None = None
-         ) -> optax.GradientTransformation:
+         scale_dims: Mapping[str, int] | None = None,
+         ns: NsFn | MuonShards | ShardedMatrixNS | None = None) -> optax.GradientTransformation:
   """Muon on every leaf (each >= 2-D; leading axes are batch); returns ready updates.
 
   `scale_dims`: parameter path (`jax.tree_util.keystr`) -> max(rows, cols) of its LOGICAL shape,
   for parameters stored padded (the FFN); default: the stored shape. `ns`: how a stack of
   matrices is orthogonalised (e.g. `sharded_ns(mesh)`), or a `MuonShards` (momentum sharded
-  over the devices; the gradients then arrive reduce-scattered); default `newton_schulz` here.
+  over the devices; the gradients then arrive reduce-scattered), or a `ShardedMatrixNS` (fsdp/
+  tensor meshes); default `newton_schulz` here.
   """
+  on_shards = ns if isinstance(ns, ShardedMatrixNS) else None
   shards = ns if isinstance(ns, MuonShards) else None
   constrain = shards.constrain if shards else (lambda x: x)
   ns = (shards.ns if shards else ns) or (
@@ -230,8 +289,10 @@ def muon(learning_rate: ScalarOrSchedule, *, momentum: float = 0.95, ns_steps: i
                        state.momentum, updates)
     paths_g, treedef = jax.tree_util.tree_flatten_with_path(updates)
     bs, ps = jax.tree.leaves(buf), jax.tree.leaves(params)
+    specs = ([on_shards.wide_spec(jax.tree_util.keystr(path), g.shape) for path, g in paths_g]
+             if on_shards else None)
     os = orthogonalise_all([g.astype(jnp.float32) + momentum * b for (_, g), b in zip(paths_g, bs)],
-                           ns)
+                           on_shards or ns, specs)
     new = []
     for (path, g), o, p in zip(paths_g, os, ps):
       dim = (scale_dims or {}).get(jax.tree_util.keystr(path), max(g.shape[-2], g.shape[-1]))
@@ -321,22 +382,28 @@ class OptimConfig:
   sharded_ns: bool = True
 
 
-def muon_shards(mesh: Any, cfg: OptimConfig) -> MuonShards | None:
-  """`MuonShards` on a data-parallel `mesh` of more than one device when `cfg.sharded_ns`."""
+def muon_shards(mesh: Any, cfg: OptimConfig, param_specs: Mapping[str, Any] | None = None
+                ) -> MuonShards | ShardedMatrixNS | None:
+  """How Muon is divided among the devices of `mesh` when `cfg.sharded_ns` (None: not, or one
+  device): `MuonShards` on a data-parallel mesh; with `param_specs` (parameter path ->
+  PartitionSpec of a sharded parameter: fsdp/tensor meshes), `ShardedMatrixNS`."""
   if mesh is None or mesh.size == 1 or not cfg.sharded_ns:
     return None
+  if param_specs is not None:
+    return ShardedMatrixNS(mesh, param_specs, cfg.ns_steps)
   return MuonShards(mesh, cfg.ns_steps)
 
 
 def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
                    cfg: OptimConfig = OptimConfig(), *, logical_shapes: Any = None,
-                   mesh: Any = None) -> optax.GradientTransformation:
+                   mesh: Any = None, param_specs: Mapping[str, Any] | None = None
+                   ) -> optax.GradientTransformation:
   """Muon for the hidden matrices, AdamW for embedding, output, bias and norms (routed by the
   parameters' logical axes, `dualjax.model.logical_axes`); `cfg.learning_rate` is not used.
 
   `logical_shapes` (`model.logical_shapes`): Muon's scale uses them for padded parameters.
-  `mesh`: a data-parallel mesh (devices hold the parameters whole): Muon's momentum and
-  Newton-Schulz are divided among its devices (`MuonShards`) when `cfg.sharded_ns`.
+  `mesh`: Muon divided among its devices when `cfg.sharded_ns` (`muon_shards`): a data-parallel
+  mesh (`MuonShards`), or with `param_specs` an fsdp/tensor mesh (`ShardedMatrixNS`).
   """
   scale_dims = None
   if logical_shapes is not None:
@@ -347,7 +414,7 @@ def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
   return optax.multi_transform(
       {"muon": muon(learning_rate, momentum=cfg.momentum, ns_steps=cfg.ns_steps,
                     weight_decay=cfg.weight_decay, scale_dims=scale_dims,
-                    ns=muon_shards(mesh, cfg)),
+                    ns=muon_shards(mesh, cfg, param_specs)),
        "adamw": adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay)},
       param_labels(logical_axes))
@@ -378,9 +445,11 @@ def optim_config(section: Any) -> OptimConfig:
 
 
 def make_optimizer_from_config(section: Any, logical_axes: Any, *, total_steps: int,
-                               logical_shapes: Any = None, mesh: Any = None
+                               logical_shapes: Any = None, mesh: Any = None,
+                               param_specs: Mapping[str, Any] | None = None
                                ) -> optax.GradientTransformation:
   """`make_optimizer` with the WSD schedule from an `optim` config section."""
   c = optim_config(section)
   sched = wsd_schedule(c.learning_rate, total_steps, c.warmup_steps, c.decay_fraction)
-  return make_optimizer(sched, logical_axes, c, logical_shapes=logical_shapes, mesh=mesh)
+  return make_optimizer(sched, logical_axes, c, logical_shapes=logical_shapes, mesh=mesh,
+                        param_specs=param_specs)

@@ -22,28 +22,38 @@ from dualjax.errors import ConfigError
 State = dict[str, Any]
 
 
+def _data_parallel(mesh: jax.sharding.Mesh | None) -> bool:
+  return mesh is not None and mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
+
+
 def muon_shards(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
                 ) -> optim.MuonShards | None:
-  """Muon divided among the devices (`optim.MuonShards`) on a mesh whose devices all hold the
-  parameters whole (no fsdp/tensor sharding), if `optim.sharded_ns`; on fsdp/tensor meshes
-  Muon runs on the sharded matrices, which divides it too."""
-  whole = mesh is not None and mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
+  """ZeRO-1 for Muon (`optim.MuonShards`) on a mesh whose devices all hold the parameters whole
+  (no fsdp/tensor sharding), if `optim.sharded_ns`."""
+  if not _data_parallel(mesh):
+    return None
   try:
-    return optim.muon_shards(mesh if whole else None, optim.optim_config(cfg.optim))
+    return optim.muon_shards(mesh, optim.optim_config(cfg.optim))
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
                    ) -> optax.GradientTransformation:
-  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes;
-  Muon divided among the devices of a data-parallel `mesh` (`muon_shards`)."""
+  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes; Muon
+  divided among the devices of `mesh` (`optim.muon_shards`): ZeRO-1 on a data-parallel mesh,
+  Newton-Schulz on whole-matrix shares of the sharded matrices on an fsdp/tensor mesh."""
   mc = config_lib.model_config(cfg)
-  shards = muon_shards(cfg, mesh)
+  param_specs = None
+  if mesh is not None and not _data_parallel(mesh):
+    shardings = sharding.param_shardings(model_lib.logical_axes(mc), model_lib.abstract_params(mc),
+                                         mesh, config_lib.rules(cfg))
+    param_specs = {jax.tree_util.keystr(path): sh.spec
+                   for path, sh in jax.tree_util.tree_leaves_with_path(shardings)}
   try:
     return optim.make_optimizer_from_config(
         cfg.optim, model_lib.logical_axes(mc), total_steps=cfg.train.steps,
-        logical_shapes=model_lib.logical_shapes(mc), mesh=shards.mesh if shards else None)
+        logical_shapes=model_lib.logical_shapes(mc), mesh=mesh, param_specs=param_specs)
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
 

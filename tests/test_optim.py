@@ -186,6 +186,41 @@ def test_muon_shards_divide_momentum_and_newton_schulz():
   assert hlo.collective_stats(out["plain"][2]) == {}
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+def test_sharded_matrix_ns_on_fsdp_and_tensor_meshes(mesh_shape):
+  """On fsdp/tensor meshes (`ShardedMatrixNS`), each stack of sharded Muon matrices reaches
+  whole-matrix shares by all-to-alls and comes back the same way: the update is plain Muon's
+  (same bf16 matrices), nothing is all-gathered, and only the norms are all-reduced (the
+  partitioner's NS all-gathers the stacks or all-reduces each matmul's partial sums)."""
+  mesh = mesh_lib.make_mesh(*mesh_shape)
+  params = _model_params()
+  ps = {"attn": dict(params["layers"]["attn"]), "mlp": dict(params["layers"]["mlp"])}
+  axes = model_lib.logical_axes(MODEL_CFG)["layers"]
+  axes = {"attn": axes["attn"], "mlp": axes["mlp"]}
+  shardings = sharding.param_shardings(axes, ps, mesh)
+  specs = {jax.tree_util.keystr(path): sh.spec
+           for path, sh in jax.tree_util.tree_leaves_with_path(shardings)}
+  assert any(len([e for e in spec if e is not None]) == 2 for spec in specs.values()) == (
+      mesh_shape == (2, 2, 2))  # fsdp x tensor: both matrix dimensions sharded
+  rng = np.random.default_rng(10)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), ps)
+  ps, grads = jax.device_put((ps, grads), (shardings, shardings))
+  out = {}
+  for name, ns in (("plain", None), ("shares", optim.ShardedMatrixNS(mesh, specs))):
+    tx = optim.muon(0.01, ns=ns)
+    fn = jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p)[0], out_shardings=shardings)
+    out[name] = (fn(grads, ps), fn.lower(grads, ps).compile().as_text())
+  for a, b in zip(jax.tree.leaves(out["shares"][0]), jax.tree.leaves(out["plain"][0])):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 2e-3 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert np.mean(a == b) > 0.99, np.mean(a == b)
+  mine, plain = (hlo.collective_stats(out[k][1]) for k in ("shares", "plain"))
+  assert "all-gather" not in mine and mine["all-to-all"]["count"] >= 4, mine
+  assert mine.get("all-reduce", {}).get("bytes", 0) <= 4 * 64, mine  # the per-matrix norms
+  wire = lambda st: sum(v["wire_bytes"] for v in st.values())
+  assert wire(mine) < 0.5 * wire(plain), (mine, plain)
+
+
 SCHED = lambda count: 0.02 / (1.0 + count)   # a varying lr: checks which step's lr is used
 LRS = [0.02, 0.01, 0.02 / 3]
 
