@@ -433,6 +433,13 @@ def report(plan: Plan, calibration: dict[str, float] | None = None) -> str:
   lines.append(f"useful FLOPs per step {step_flops:.3e} (6N + attention, causal at half)"
                + (f"; at 50% MFU {step_flops / (0.5 * t.peak_flops * len(t.devices)):.2f} s/step"
                   if t.peak_flops else ""))
+  n, shape = len(t.devices), plan.mesh.shape
+  share = 1 if not cfg.optim.sharded_ns else (
+      n if shape["fsdp"] == shape["tensor"] == 1 else shape["fsdp"] * shape["tensor"])
+  ns = flops_lib.muon_flops_per_device(mc, share, cfg.optim.ns_steps)
+  lines.append(f"Muon Newton-Schulz per device {ns:.3e} FLOPs = "
+               f"{100 * ns / (step_flops / n):.2f}% of the step's useful FLOPs per device "
+               f"(divided among {share} devices)")
   if calibration:
     lines.append(f"FLOPs check (unrolled compile / analytic): layers "
                  f"{calibration['layer_ratio']:.3f}, head {calibration['rest_ratio']:.3f}")

@@ -10,7 +10,10 @@ useful work and is not counted. A dual step with AR share lam has a fraction lam
 import math
 from typing import Any
 
+import jax
+
 from dualjax import model as model_lib
+from dualjax import optim
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets); matched against `device_kind`.
 # (First match wins: libtpu calls a v5p chip "TPU v5", a v5e chip "TPU v5 lite".)
@@ -75,3 +78,27 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_per_chip: float | None
   if not peak_per_chip:
     return math.nan
   return tokens_per_s * flops_per_token / (peak_per_chip * chips)
+
+
+def newton_schulz_flops(m: int, n: int, steps: int = 5) -> float:
+  """Matmul FLOPs of quintic Newton-Schulz on one [m, n] matrix (wide form, m <= n): per step
+  A = X X^T (2 m^2 n), A A (2 m^3), (bA + cA^2) X (2 m^2 n)."""
+  m, n = min(m, n), max(m, n)
+  return steps * (4.0 * m * m * n + 2.0 * m ** 3)
+
+
+def muon_flops_per_device(cfg: model_lib.ModelConfig, devices: int, steps: int = 5) -> float:
+  """Newton-Schulz FLOPs per device per optimizer step when each wide-shape group of Muon's
+  matrices (all layers of q, k, v, o, ...; of up, gate, down) is divided among `devices`
+  (each takes ceil(K / devices) of a group's K; 1 = every matrix on every device)."""
+  labels = optim.param_labels(model_lib.logical_axes(cfg))
+  groups: dict[tuple[int, int], int] = {}
+  for label, p in zip(_leaves(labels), _leaves(model_lib.abstract_params(cfg))):
+    if label == "muon":
+      wide = tuple(sorted(p.shape[-2:]))
+      groups[wide] = groups.get(wide, 0) + math.prod(p.shape[:-2])
+  return sum(-(-k // devices) * newton_schulz_flops(*wide, steps) for wide, k in groups.items())
+
+
+def _leaves(tree: Any) -> list[Any]:
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, str))
