@@ -377,8 +377,9 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  # Muon's momentum and Newton-Schulz divided among the devices of a data-parallel mesh
-  # (`MuonShards`), instead of repeated on every device.
+  # Muon divided among the devices instead of repeated on every one: momentum and Newton-Schulz
+  # on a data-parallel mesh (`MuonShards`), Newton-Schulz on whole-matrix shares of the sharded
+  # matrices on an fsdp/tensor mesh (`ShardedMatrixNS`).
   sharded_ns: bool = True
 
 
