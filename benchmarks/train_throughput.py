@@ -28,6 +28,7 @@ from dualjax import model as model_lib
 from dualjax import optim
 from dualjax import sharding
 from dualjax import split as split_lib
+from dualjax import state as state_lib
 from dualjax import step as step_lib
 
 PRESETS = {
@@ -88,9 +89,14 @@ def main(argv: list[str]) -> int:
   R, n = mesh.shape["replica"], jax.device_count()
   rows = (_ROWS.value or preset["rows"]) * n
   axes = model_lib.logical_axes(cfg)
+  # Muon divided as the trainer divides it (ZeRO-1 on this data-parallel mesh): the optimizer,
+  # its momentum's sharding and the gradients' reduce-scatter come from one `division`.
+  division = optim.muon_shards(mesh, optim.OptimConfig())
   opt = optim.make_optimizer(optim.wsd_schedule(0.007, 1000), axes,
-                             logical_shapes=model_lib.logical_shapes(cfg), mesh=mesh)
-  st_sh = sharding.state_shardings(axes, model_lib.abstract_params(cfg), opt, mesh)
+                             logical_shapes=model_lib.logical_shapes(cfg), division=division)
+  override, grad_shardings = state_lib.muon_layout(division, cfg)
+  st_sh = sharding.state_shardings(axes, model_lib.abstract_params(cfg), opt, mesh,
+                                   override=override)
   dev = jax.devices()[0]
   peak = flops_lib.peak_flops(dev)
   print(f"device: {dev.device_kind} x{n}  preset={_PRESET.value}  "
@@ -108,7 +114,7 @@ def main(argv: list[str]) -> int:
     for name, lam in (("ar", 1.0), ("mdm", 0.0), ("dual", _LAM.value)):
       split = split_lib.make_split(lam, rows, R, M)
       fn = jax.jit(step_lib.make_train_step(cfg, split, mesh, opt, ar_loss_scale=2.0,
-                                            z_loss=1e-4),
+                                            z_loss=1e-4, grad_shardings=grad_shardings),
                    in_shardings=(st_sh, mesh_lib.batch_sharding(mesh)),
                    out_shardings=(st_sh, None), donate_argnums=(0,))
       state = jax.jit(init, out_shardings=st_sh)()

@@ -146,6 +146,29 @@ def sharded_ns(mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bf
                        out_specs=jax.sharding.PartitionSpec(), check_vma=False)
 
 
+def _ns_of_shards(x: jax.Array, cuts: list[tuple[int, tuple[str, ...]]], g: int, steps: int,
+                  eps: float, dtype: Any, gather: bool) -> jax.Array:
+  """Inside a shard_map: NS of every matrix of a stack [K, m, n] of which this device holds a
+  shard, cut along stack dims `cuts` ((dim, mesh axes) each; g devices in all). Normalised with
+  the psum of the shards' sums of squares and rounded to `dtype`; all-to-alls give each device
+  ceil(K/g) whole matrices (K padded with zero matrices, NS(0) = 0); the results come back
+  all-gathered whole (`gather`) or by the inverse all-to-alls to this device's shards. fp32 out."""
+  every = tuple(a for _, axes in cuts for a in axes)
+  K = x.shape[0]
+  k = -(-K // g)
+  sq = jax.lax.psum(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True), every)
+  x = _rounded(x / (jnp.sqrt(sq) + eps), dtype).astype(dtype)
+  x = jnp.concatenate([x, jnp.zeros((k * g - K,) + x.shape[1:], dtype)])
+  for dim, axes in cuts:  # whole matrices: k of them per device
+    x = jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=dim, tiled=True)
+  x = _ns_iterations(x.astype(jnp.float32), steps, dtype).astype(dtype)
+  if gather:
+    return jax.lax.all_gather(x, every, axis=0, tiled=True)[:K].astype(jnp.float32)
+  for dim, axes in reversed(cuts):  # back to this device's shard of every matrix
+    x = jax.lax.all_to_all(x, axes, split_axis=dim, concat_axis=0, tiled=True)
+  return x[:K].astype(jnp.float32)
+
+
 class MuonShards:
   """ZeRO-1 for Muon on a data-parallel mesh (every device holds the parameters whole).
 
@@ -183,19 +206,13 @@ class MuonShards:
 
   def ns(self, stack_KxMxN: jax.Array) -> jax.Array:
     """NS of each wide [m, n] matrix of a stack whose n is sharded (`spec`); replicated out."""
-    K, n = stack_KxMxN.shape[0], self.n
+    n = self.n
     if self.spec(stack_KxMxN.shape) is None:
       return self._whole(stack_KxMxN)
-    axes, steps, eps, dtype = self.axes, self.steps, self.eps, self.dtype
-    k = -(-K // n)
+    axes = self.axes
 
-    def local(x):  # [K, m, n/devices] fp32
-      sq = jax.lax.psum(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True), axes)
-      x = _rounded(x / (jnp.sqrt(sq) + eps), dtype).astype(dtype)
-      x = jnp.concatenate([x, jnp.zeros((k * n - K,) + x.shape[1:], dtype)])
-      mine = jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=2, tiled=True)  # [k, m, n]
-      o = _ns_iterations(mine.astype(jnp.float32), steps, dtype).astype(dtype)
-      return jax.lax.all_gather(o, axes, axis=0, tiled=True)[:K].astype(jnp.float32)
+    def local(x):  # [K, m, n/devices] fp32 -> [K, m, n]
+      return _ns_of_shards(x, [(2, axes)], n, self.steps, self.eps, self.dtype, gather=True)
 
     P = jax.sharding.PartitionSpec
     return jax.shard_map(local, mesh=self.mesh, in_specs=P(None, None, axes), out_specs=P(),
@@ -233,21 +250,10 @@ class ShardedMatrixNS:
     # (matrix dim of the stack, its mesh axes) for each sharded dimension
     cuts = [(d, e if isinstance(e, tuple) else (e,)) for d, e in zip((1, 2), wide)
             if e is not None]
-    every = tuple(a for _, axes in cuts for a in axes)
-    g = math.prod(self.mesh.shape[a] for a in every)
-    K = stack_KxMxN.shape[0]
-    k = -(-K // g)
+    g = math.prod(self.mesh.shape[a] for _, axes in cuts for a in axes)
 
-    def local(x):  # [K, m/gm, n/gn], fp32
-      sq = jax.lax.psum(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True), every)
-      x = _rounded(x / (jnp.sqrt(sq) + eps), dtype).astype(dtype)
-      x = jnp.concatenate([x, jnp.zeros((k * g - K,) + x.shape[1:], dtype)])
-      for dim, axes in cuts:  # whole matrices: K/g of them per device
-        x = jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=dim, tiled=True)
-      x = _ns_iterations(x.astype(jnp.float32), steps, dtype).astype(dtype)
-      for dim, axes in reversed(cuts):  # back to this device's shard of every matrix
-        x = jax.lax.all_to_all(x, axes, split_axis=dim, concat_axis=0, tiled=True)
-      return x[:K].astype(jnp.float32)
+    def local(x):  # [K, m/gm, n/gn], fp32, back in the same sharding
+      return _ns_of_shards(x, cuts, g, steps, eps, dtype, gather=False)
 
     spec = jax.sharding.PartitionSpec(None, *wide)
     return jax.shard_map(local, mesh=self.mesh, in_specs=spec, out_specs=spec,
@@ -397,14 +403,13 @@ def muon_shards(mesh: Any, cfg: OptimConfig, param_specs: Mapping[str, Any] | No
 
 def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
                    cfg: OptimConfig = OptimConfig(), *, logical_shapes: Any = None,
-                   mesh: Any = None, param_specs: Mapping[str, Any] | None = None
+                   division: MuonShards | ShardedMatrixNS | None = None
                    ) -> optax.GradientTransformation:
   """Muon for the hidden matrices, AdamW for embedding, output, bias and norms (routed by the
   parameters' logical axes, `dualjax.model.logical_axes`); `cfg.learning_rate` is not used.
 
   `logical_shapes` (`model.logical_shapes`): Muon's scale uses them for padded parameters.
-  `mesh`: Muon divided among its devices when `cfg.sharded_ns` (`muon_shards`): a data-parallel
-  mesh (`MuonShards`), or with `param_specs` an fsdp/tensor mesh (`ShardedMatrixNS`).
+  `division`: how Muon is divided among the devices (`muon_shards`); None: not divided.
   """
   scale_dims = None
   if logical_shapes is not None:
@@ -415,7 +420,7 @@ def make_optimizer(learning_rate: ScalarOrSchedule, logical_axes: Any,
   return optax.multi_transform(
       {"muon": muon(learning_rate, momentum=cfg.momentum, ns_steps=cfg.ns_steps,
                     weight_decay=cfg.weight_decay, scale_dims=scale_dims,
-                    ns=muon_shards(mesh, cfg, param_specs)),
+                    ns=division),
        "adamw": adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay)},
       param_labels(logical_axes))
@@ -446,11 +451,11 @@ def optim_config(section: Any) -> OptimConfig:
 
 
 def make_optimizer_from_config(section: Any, logical_axes: Any, *, total_steps: int,
-                               logical_shapes: Any = None, mesh: Any = None,
-                               param_specs: Mapping[str, Any] | None = None
+                               logical_shapes: Any = None,
+                               division: MuonShards | ShardedMatrixNS | None = None
                                ) -> optax.GradientTransformation:
   """`make_optimizer` with the WSD schedule from an `optim` config section."""
   c = optim_config(section)
   sched = wsd_schedule(c.learning_rate, total_steps, c.warmup_steps, c.decay_fraction)
-  return make_optimizer(sched, logical_axes, c, logical_shapes=logical_shapes, mesh=mesh,
-                        param_specs=param_specs)
+  return make_optimizer(sched, logical_axes, c, logical_shapes=logical_shapes,
+                        division=division)

@@ -22,40 +22,65 @@ from dualjax.errors import ConfigError
 State = dict[str, Any]
 
 
-def _data_parallel(mesh: jax.sharding.Mesh | None) -> bool:
-  return mesh is not None and mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
-
-
-def muon_shards(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
-                ) -> optim.MuonShards | None:
-  """ZeRO-1 for Muon (`optim.MuonShards`) on a mesh whose devices all hold the parameters whole
-  (no fsdp/tensor sharding), if `optim.sharded_ns`."""
-  if not _data_parallel(mesh):
+def muon_division(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
+                  ) -> optim.MuonShards | optim.ShardedMatrixNS | None:
+  """How Muon is divided among the devices of `mesh` (`optim.muon_shards`, if
+  `optim.sharded_ns`): ZeRO-1 on a mesh whose devices all hold the parameters whole, Newton-
+  Schulz on whole-matrix shares of the sharded matrices on an fsdp/tensor mesh."""
+  if mesh is None:
     return None
-  try:
-    return optim.muon_shards(mesh, optim.optim_config(cfg.optim))
-  except (TypeError, ValueError) as e:
-    raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
-                   ) -> optax.GradientTransformation:
-  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes; Muon
-  divided among the devices of `mesh` (`optim.muon_shards`): ZeRO-1 on a data-parallel mesh,
-  Newton-Schulz on whole-matrix shares of the sharded matrices on an fsdp/tensor mesh."""
   mc = config_lib.model_config(cfg)
   param_specs = None
-  if mesh is not None and not _data_parallel(mesh):
+  if mesh.shape.get("fsdp", 1) * mesh.shape.get("tensor", 1) > 1:
     shardings = sharding.param_shardings(model_lib.logical_axes(mc), model_lib.abstract_params(mc),
                                          mesh, config_lib.rules(cfg))
     param_specs = {jax.tree_util.keystr(path): sh.spec
                    for path, sh in jax.tree_util.tree_leaves_with_path(shardings)}
+  return optim.muon_shards(mesh, _optim_config(cfg), param_specs)
+
+
+def _optim_config(cfg: ml_collections.ConfigDict) -> optim.OptimConfig:
+  try:
+    return optim.optim_config(cfg.optim)
+  except (TypeError, ValueError) as e:
+    raise _optim_error(e) from None
+
+
+def _optim_error(e: Exception) -> ConfigError:
+  return ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   division: optim.MuonShards | optim.ShardedMatrixNS | None = None
+                   ) -> optax.GradientTransformation:
+  """Muon + AdamW with the WSD schedule of the config, routed by the model's logical axes; Muon
+  divided among the devices as `division` says (`muon_division`)."""
+  mc = config_lib.model_config(cfg)
   try:
     return optim.make_optimizer_from_config(
         cfg.optim, model_lib.logical_axes(mc), total_steps=cfg.train.steps,
-        logical_shapes=model_lib.logical_shapes(mc), mesh=mesh, param_specs=param_specs)
+        logical_shapes=model_lib.logical_shapes(mc), division=division)
   except (TypeError, ValueError) as e:
-    raise ConfigError(str(e) if str(e).startswith("optim") else f"optim: {e}") from None
+    raise _optim_error(e) from None
+
+
+def muon_layout(division: Any, model_cfg: model_lib.ModelConfig) -> tuple[Any, Any]:
+  """(`override` for `sharding.state_shardings`, `grad_shardings` for `step.make_train_step`)
+  that ZeRO-1 (`optim.MuonShards`) needs: Muon's momentum stored sharded and its gradients
+  reduce-scattered into it; (None, None) for any other `division`."""
+  if not isinstance(division, optim.MuonShards):
+    return None, None
+
+  def override(names, shape):
+    if "muon" in names and "momentum" in names and len(shape) >= 2:
+      return division.sharding(tuple(shape))
+    return None
+
+  labels = optim.param_labels(model_lib.logical_axes(model_cfg))
+  grad_shardings = jax.tree.map(
+      lambda label, p: division.sharding(tuple(p.shape)) if label == "muon" else None,
+      labels, model_lib.abstract_params(model_cfg))
+  return override, grad_shardings
 
 
 def init_state_fn(seed: int, model_cfg: model_lib.ModelConfig,
@@ -98,31 +123,16 @@ class StateSpec:
 def state_spec(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StateSpec:
   """The state's structure, shardings and initial value for a run config on `mesh`."""
   mc = config_lib.model_config(cfg)
-  optimizer = make_optimizer(cfg, mesh)
+  division = muon_division(cfg, mesh)
+  optimizer = make_optimizer(cfg, division)
   init = init_state_fn(cfg.seed, mc, optimizer)
-  shards = muon_shards(cfg, mesh)
+  override, grad_shardings = muon_layout(division, mc)
   shardings = sharding.state_shardings(
       model_lib.logical_axes(mc), model_lib.abstract_params(mc), optimizer, mesh,
-      config_lib.rules(cfg), override=_momentum_sharding(shards) if shards else None)
+      config_lib.rules(cfg), override=override)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           jax.eval_shape(init), shardings)
-  grad_shardings = None
-  if shards:
-    labels = optim.param_labels(model_lib.logical_axes(mc))
-    grad_shardings = jax.tree.map(
-        lambda label, p: shards.sharding(tuple(p.shape)) if label == "muon" else None,
-        labels, model_lib.abstract_params(mc))
   return StateSpec(abstract, shardings, init, optimizer, grad_shardings)
-
-
-def _momentum_sharding(shards: optim.MuonShards) -> Callable[[tuple[str, ...], tuple[int, ...]],
-                                                               Any]:
-  """Muon's momentum buffers sharded as `shards` keeps them (None: the default rule)."""
-  def override(names, shape):
-    if "muon" in names and "momentum" in names and len(shape) >= 2:
-      return shards.sharding(tuple(shape))
-    return None
-  return override
 
 
 def initial_state(spec: StateSpec) -> State:
