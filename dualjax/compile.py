@@ -435,7 +435,7 @@ def report(plan: Plan, calibration: dict[str, float] | None = None) -> str:
                   if t.peak_flops else ""))
   n, shape = len(t.devices), plan.mesh.shape
   share = 1 if not cfg.optim.sharded_ns else (
-      n if shape["fsdp"] == shape["tensor"] == 1 else shape["fsdp"] * shape["tensor"])
+      n if mesh_lib.params_whole(plan.mesh) else shape["fsdp"] * shape["tensor"])
   ns = flops_lib.muon_flops_per_device(mc, share, cfg.optim.ns_steps)
   lines.append(f"Muon Newton-Schulz per device {ns:.3e} FLOPs = "
                f"{100 * ns / (step_flops / n):.2f}% of the step's useful FLOPs per device "
@@ -458,9 +458,8 @@ def report(plan: Plan, calibration: dict[str, float] | None = None) -> str:
 def all_reduce_minimum(plan: Plan) -> float | None:
   """Wire bytes per device of one ring all-reduce of the fp32 gradients, 2 P (n-1)/n: the
   analytic minimum of a data-parallel step (None on fsdp/tensor meshes or one device)."""
-  n, shape = plan.mesh.size, plan.mesh.shape
-  train = plan.functions[0]
-  if n == 1 or shape["fsdp"] > 1 or shape["tensor"] > 1 or train.name != "train step":
+  n, train = plan.mesh.size, plan.functions[0]
+  if n == 1 or not mesh_lib.params_whole(plan.mesh) or train.name != "train step":
     return None
   return 2 * train.memory["params"] * (n - 1) / n
 

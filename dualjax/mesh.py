@@ -54,6 +54,12 @@ def mesh_from_config(m: Any) -> Mesh:
   return make_mesh(m.replica, m.fsdp, m.tensor)
 
 
+def params_whole(mesh: Mesh) -> bool:
+  """Whether every device holds the parameters whole (fsdp = tensor = 1): a data-parallel mesh,
+  where Muon is ZeRO-1 divided and one all-reduce of the gradients is the step's minimum."""
+  return mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
+
+
 BATCH_AXES = ("replica", "fsdp")
 
 

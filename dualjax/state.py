@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from dualjax import config_lib
+from dualjax import mesh as mesh_lib
 from dualjax import model as model_lib
 from dualjax import optim
 from dualjax import sharding
@@ -31,7 +32,7 @@ def muon_division(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
     return None
   mc = config_lib.model_config(cfg)
   param_specs = None
-  if mesh.shape.get("fsdp", 1) * mesh.shape.get("tensor", 1) > 1:
+  if not mesh_lib.params_whole(mesh):
     shardings = sharding.param_shardings(model_lib.logical_axes(mc), model_lib.abstract_params(mc),
                                          mesh, config_lib.rules(cfg))
     param_specs = {jax.tree_util.keystr(path): sh.spec

@@ -17,3 +17,10 @@ def test_mesh_shape_resolves_minus_one():
 def test_mesh_shape_errors(shape, msg):
   with pytest.raises(ConfigError, match=msg):
     mesh_lib.mesh_shape(*shape, 8)
+
+
+@pytest.mark.parametrize("shape,whole", [((8, 1, 1), True), ((1, 1, 1), True), ((4, 2, 1), False),
+                                         ((4, 1, 2), False), ((1, 8, 1), False)])
+def test_params_whole(shape, whole):
+  devices = jax.devices()[:shape[0] * shape[1] * shape[2]]
+  assert mesh_lib.params_whole(mesh_lib.make_mesh(*shape, devices=devices)) is whole
