@@ -12,6 +12,8 @@ Conventions (per device, i.e. per SPMD partition):
               *input* (= output x group size).
   wire_bytes  ring-algorithm bytes each device sends: all-gather out*(n-1)/n, reduce-scatter
               in*(n-1)/n, all-reduce 2*size*(n-1)/n, all-to-all size*(n-1)/n, permute size.
+libtpu's all-reduce-scatter fusion (an all-reduce whose fused slice keeps this device's shard)
+is counted as the reduce-scatter it runs as.
 Async pairs: only the *-start op is counted (its tuple shape is (operands, outputs, ...)); *-done
 is skipped. Ops wrapped in async-start(calls=...) are found inside the called computation.
 Trip counts: backend_config known_trip_count (GPU/CPU), else the condition's `compare(i, K)`,
@@ -202,13 +204,17 @@ def collective_stats(text: str, return_ops: bool = False):
       base = op[:-6] if op.endswith("-start") else op
       if base not in KINDS:
         continue
+      if base == "all-reduce" and comp.startswith("all-reduce-scatter"):
+        base = "reduce-scatter"  # libtpu's reduce-scatter: an all-reduce fused with its slice
       n = _group_size(ins["rest"], nparts)
       elems = _tuple_elems(ins["shape"])
       if op.endswith("-start") and base != "all-reduce" and len(elems) >= 2:
         out = shape_bytes(elems[1])          # (operands, outputs[, contexts])
       else:
         out = shape_bytes(ins["shape"])
-      if base == "reduce-scatter":
+      if base == "reduce-scatter" and op.startswith("all-reduce"):
+        payload, wire = out, out * (n - 1) / n  # `out` is the (padded) input here
+      elif base == "reduce-scatter":
         payload, wire = out * n, out * (n - 1)
       elif base == "all-gather":
         payload, wire = out, out * (n - 1) / n

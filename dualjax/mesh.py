@@ -1,10 +1,13 @@
 """The device mesh: ('replica', 'fsdp', 'tensor') with Auto axis types (DESIGN.md §4)."""
 
+import functools
+import itertools
 import math
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dualjax.errors import ConfigError
@@ -58,6 +61,52 @@ def params_whole(mesh: Mesh) -> bool:
   """Whether every device holds the parameters whole (fsdp = tensor = 1): a data-parallel mesh,
   where Muon is ZeRO-1 divided and one all-reduce of the gradients is the step's minimum."""
   return mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
+
+
+@functools.lru_cache(maxsize=None)
+def torus_mesh(mesh: Mesh) -> Mesh:
+  """`mesh`'s devices in the same order, as a mesh over the physical torus axes whose raster
+  that order is ('torus_x', ... major to minor), or else over `mesh`'s own axes (devices
+  without coordinates, several slices or cores per chip, no box); axes of size 1 dropped.
+
+  For collectives over every device, one torus axis at a time (`scatter_sum`, `gather_all`):
+  libtpu (0.0.42) lowers a reduce-scatter or all-gather over a whole 2-D or 3-D slice as an
+  all-reduce (twice the wire bytes), and one per torus axis as what it is. `create_device_mesh`
+  orders a data-parallel TPU mesh x-major, z-minor, which is such a raster."""
+  flat = list(mesh.devices.flat)
+  if len(flat) < 2:
+    return mesh
+  axes = [(a, n) for a, n in mesh.shape.items() if n > 1]
+  coords = [getattr(d, "coords", None) for d in flat]
+  if (all(c is not None for c in coords)
+      and len({getattr(d, "slice_index", 0) for d in flat}) == 1
+      and len({tuple(c) for c in coords}) == len(flat)):
+    c_NxA = np.asarray(coords) - np.min(coords, axis=0)
+    sizes = c_NxA.max(axis=0) + 1
+    for perm in itertools.permutations(range(c_NxA.shape[1]) if math.prod(sizes) == len(flat)
+                                       else ()):
+      dims = [int(sizes[a]) for a in perm]
+      index = np.ravel_multi_index(tuple(c_NxA[:, a] for a in perm), dims)
+      if (index == np.arange(len(flat))).all():
+        axes = [(f"torus_{'xyzw'[a]}", n) for a, n in zip(perm, dims) if n > 1]
+        break
+  return Mesh(np.asarray(flat, dtype=object).reshape([n for _, n in axes]),
+              tuple(a for a, _ in axes), axis_types=(AxisType.Auto,) * len(axes))
+
+
+def scatter_sum(x: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
+  """Inside a shard_map: psum_scatter over `axes` (tiled, major to minor, as P(..., axes) lays
+  out `dim`), one axis at a time."""
+  for a in axes:
+    x = lax.psum_scatter(x, a, scatter_dimension=dim, tiled=True)
+  return x
+
+
+def gather_all(x: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
+  """Inside a shard_map: the tiled all_gather over `axes` of `dim`, one axis at a time."""
+  for a in reversed(tuple(axes)):
+    x = lax.all_gather(x, a, axis=dim, tiled=True)
+  return x
 
 
 BATCH_AXES = ("replica", "fsdp")

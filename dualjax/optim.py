@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dualjax import mesh as mesh_lib
 from dualjax import typed_config
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -129,6 +130,7 @@ def sharded_ns(mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bf
   all-gather of the results in the NS dtype (DESIGN.md §4). None on one device."""
   if mesh is None or mesh.size == 1:
     return None
+  mesh = mesh_lib.torus_mesh(mesh)  # the same devices; per-torus-axis gathers on a TPU slice
   axes = tuple(mesh.axis_names)
   n = mesh.size
 
@@ -140,7 +142,7 @@ def sharded_ns(mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bf
     mine = jax.lax.dynamic_slice_in_dim(stack, i * k, k, axis=0)
     # NS ends in `dtype` (bf16): gathering that is exact and half the bytes of fp32.
     o = newton_schulz(mine, steps, eps, dtype).astype(dtype)
-    return jax.lax.all_gather(o, axes, axis=0, tiled=True)[:K].astype(jnp.float32)
+    return mesh_lib.gather_all(o, axes, 0)[:K].astype(jnp.float32)
 
   return jax.shard_map(local, mesh=mesh, in_specs=jax.sharding.PartitionSpec(),
                        out_specs=jax.sharding.PartitionSpec(), check_vma=False)
@@ -163,7 +165,7 @@ def _ns_of_shards(x: jax.Array, cuts: list[tuple[int, tuple[str, ...]]], g: int,
     x = jax.lax.all_to_all(x, axes, split_axis=0, concat_axis=dim, tiled=True)
   x = _ns_iterations(x.astype(jnp.float32), steps, dtype).astype(dtype)
   if gather:
-    return jax.lax.all_gather(x, every, axis=0, tiled=True)[:K].astype(jnp.float32)
+    return mesh_lib.gather_all(x, every, 0)[:K].astype(jnp.float32)
   for dim, axes in reversed(cuts):  # back to this device's shard of every matrix
     x = jax.lax.all_to_all(x, axes, split_axis=dim, concat_axis=0, tiled=True)
   return x[:K].astype(jnp.float32)
@@ -177,9 +179,12 @@ class MuonShards:
   all-reduce) and the momentum update is local. Newton-Schulz then needs whole matrices:
   `ns` normalises each matrix (a psum of K sums of squares), moves the bf16 shards with one
   all-to-all so that each device holds K/n whole matrices, orthogonalises them and all-gathers
-  the bf16 results. Per device on the wire: 4 + 2 + 2 bytes per Muon parameter, as one fp32
-  all-reduce (8); NS FLOPs / n. A matrix whose wide dimension n does not divide keeps a
-  replicated momentum and `sharded_ns` (whole-matrix shares, one all-gather).
+  the bf16 results. Per device on the wire, per Muon parameter: 4 (reduce-scatter) + 2/n (all-
+  to-all) + 2 (all-gather) bytes, against one fp32 all-reduce's 8, plus the zero matrices that
+  pad each group's K to a multiple of n; NS FLOPs / n. On a TPU slice the reduce-scatter and
+  the all-gather run one torus axis at a time (`mesh.torus_mesh`). A matrix whose wide
+  dimension n does not divide keeps a replicated momentum and `sharded_ns` (whole-matrix
+  shares, one all-gather).
   """
 
   def __init__(self, mesh: Any, steps: int = 5, eps: float = 1e-7, dtype: Any = jnp.bfloat16):
@@ -187,6 +192,9 @@ class MuonShards:
     self.axes = tuple(mesh.axis_names)
     self.n = mesh.size
     self._whole = sharded_ns(mesh, steps, eps, dtype)
+    # The same devices in the same order: on a TPU slice the reduce-scatter (`step.
+    # reduce_replicas`) and the all-gather run one torus axis at a time (`mesh.torus_mesh`).
+    self._torus = mesh_lib.torus_mesh(mesh)
 
   def spec(self, shape: tuple[int, ...]) -> jax.sharding.PartitionSpec | None:
     """The momentum's PartitionSpec: the wide dimension (the larger of the last two; the last
@@ -209,13 +217,13 @@ class MuonShards:
     n = self.n
     if self.spec(stack_KxMxN.shape) is None:
       return self._whole(stack_KxMxN)
-    axes = self.axes
+    axes = tuple(self._torus.axis_names)
 
     def local(x):  # [K, m, n/devices] fp32 -> [K, m, n]
       return _ns_of_shards(x, [(2, axes)], n, self.steps, self.eps, self.dtype, gather=True)
 
     P = jax.sharding.PartitionSpec
-    return jax.shard_map(local, mesh=self.mesh, in_specs=P(None, None, axes), out_specs=P(),
+    return jax.shard_map(local, mesh=self._torus, in_specs=P(None, None, axes), out_specs=P(),
                          check_vma=False)(self.constrain(stack_KxMxN))
 
 

@@ -136,19 +136,23 @@ def _metrics(split: ObjectiveSplit, ar_loss: jax.Array, mdm_loss: jax.Array,
 def reduce_replicas(grads_R: Params, mesh: Mesh, grad_shardings: Any = None) -> Params:
   """Sums per-replica gradients [R, ...] (leading axis over 'replica') once: an all-reduce, or,
   for a leaf whose entry of `grad_shardings` shards one dimension over the whole mesh (Muon's
-  momentum, `optim.MuonShards`; a data-parallel mesh), a reduce-scatter into that sharding."""
+  momentum, `optim.MuonShards`; a data-parallel mesh), a reduce-scatter into that sharding (on
+  a TPU slice one per torus axis, `mesh.torus_mesh`)."""
   if grad_shardings is None:
     return jax.tree.map(lambda g: g.sum(0), grads_R)
-  axes = tuple(mesh.axis_names)
+  torus = mesh_lib.torus_mesh(mesh)  # the same devices; per-torus-axis scatters on a TPU slice
+  axes = tuple(torus.axis_names)
 
   def one(g_R, sh):
     spec = tuple(sh.spec) if sh is not None else ()
     dims = [d for d, entry in enumerate(spec) if entry is not None]
     if not dims:
       return g_R.sum(0)
-    scatter = jax.shard_map(
-        lambda g: lax.psum_scatter(g[0], axes, scatter_dimension=dims[0], tiled=True),
-        mesh=mesh, in_specs=P(axes), out_specs=sh.spec, check_vma=False)
+    out_spec = [None] * len(spec)
+    out_spec[dims[0]] = axes
+    scatter = jax.shard_map(lambda g: mesh_lib.scatter_sum(g[0], axes, dims[0]),
+                            mesh=torus, in_specs=P(axes), out_specs=P(*out_spec),
+                            check_vma=False)
     return scatter(g_R)
   return jax.tree.map(one, grads_R, grad_shardings, is_leaf=lambda x: x is None)
 
