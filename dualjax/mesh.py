@@ -63,11 +63,30 @@ def params_whole(mesh: Mesh) -> bool:
   return mesh.shape.get("fsdp", 1) == mesh.shape.get("tensor", 1) == 1
 
 
+def _torus_axes(devices: list[Any]) -> list[tuple[str, int]] | None:
+  """[(name, size)] of the physical axes (major to minor) whose raster is the order of
+  `devices`, or None: no coordinates, several slices or cores per chip, not a full box."""
+  coords = [getattr(d, "coords", None) for d in devices]
+  if (any(c is None for c in coords) or len({getattr(d, "slice_index", 0) for d in devices}) > 1
+      or len({tuple(c) for c in coords}) < len(devices)):
+    return None
+  c_NxA = np.asarray(coords) - np.min(coords, axis=0)
+  sizes = c_NxA.max(axis=0) + 1
+  if math.prod(sizes) != len(devices):
+    return None
+  for perm in itertools.permutations(range(c_NxA.shape[1])):
+    dims = [int(sizes[a]) for a in perm]
+    if (np.ravel_multi_index(tuple(c_NxA[:, a] for a in perm), dims)
+        == np.arange(len(devices))).all():
+      return [(f"torus_{'xyzw'[a]}", n) for a, n in zip(perm, dims)]
+  return None
+
+
 @functools.lru_cache(maxsize=None)
 def torus_mesh(mesh: Mesh) -> Mesh:
   """`mesh`'s devices in the same order, as a mesh over the physical torus axes whose raster
-  that order is ('torus_x', ... major to minor), or else over `mesh`'s own axes (devices
-  without coordinates, several slices or cores per chip, no box); axes of size 1 dropped.
+  that order is ('torus_x', ... major to minor), or else over `mesh`'s own axes; axes of size 1
+  dropped. Same order, so a sharding over all its axes is the same as one over all of `mesh`'s.
 
   For collectives over every device, one torus axis at a time (`scatter_sum`, `gather_all`):
   libtpu (0.0.42) lowers a reduce-scatter or all-gather over a whole 2-D or 3-D slice as an
@@ -76,20 +95,7 @@ def torus_mesh(mesh: Mesh) -> Mesh:
   flat = list(mesh.devices.flat)
   if len(flat) < 2:
     return mesh
-  axes = [(a, n) for a, n in mesh.shape.items() if n > 1]
-  coords = [getattr(d, "coords", None) for d in flat]
-  if (all(c is not None for c in coords)
-      and len({getattr(d, "slice_index", 0) for d in flat}) == 1
-      and len({tuple(c) for c in coords}) == len(flat)):
-    c_NxA = np.asarray(coords) - np.min(coords, axis=0)
-    sizes = c_NxA.max(axis=0) + 1
-    for perm in itertools.permutations(range(c_NxA.shape[1]) if math.prod(sizes) == len(flat)
-                                       else ()):
-      dims = [int(sizes[a]) for a in perm]
-      index = np.ravel_multi_index(tuple(c_NxA[:, a] for a in perm), dims)
-      if (index == np.arange(len(flat))).all():
-        axes = [(f"torus_{'xyzw'[a]}", n) for a, n in zip(perm, dims) if n > 1]
-        break
+  axes = [(a, n) for a, n in (_torus_axes(flat) or mesh.shape.items()) if n > 1]
   return Mesh(np.asarray(flat, dtype=object).reshape([n for _, n in axes]),
               tuple(a for a, _ in axes), axis_types=(AxisType.Auto,) * len(axes))
 
