@@ -100,6 +100,21 @@ def test_3d_slice_zero1_collectives_run_per_torus_axis():
   assert coll["all-reduce"]["bytes"] <= train.memory["params"] - stacked + 2 * 32 * 129 * 4, coll
 
 
+def test_async_collective_fusion_counted_once():
+  """v5e:4x4 (create_device_mesh's snake ring, factored 4 x 4 by mesh.torus_mesh): libtpu
+  spreads the first Newton-Schulz all-gather over an async-collective-start, steps and a done,
+  each holding a copy of it; hlo counts it once."""
+  plan = compile_lib.build(_small(**{"data.global_batch": 32}), compile_lib.parse_target(
+      "v5e:4x4"), functions=("train",))
+  text = plan.functions[0].compiled.as_text()
+  assert "calls=%async_collective_fusion" in text
+  _, ops = hlo.collective_stats(text, return_ops=True)
+  gathers = [o for o in ops if o["kind"] == "all-gather"]
+  # two Muon wide shapes x two torus axes, and the token ids (tokens, segment ids)
+  assert len(gathers) == 6, gathers
+  assert len({o["name"] for o in gathers}) == 6
+
+
 def test_fit_to_devices_picks_the_most_rows_within_the_memory():
   """mesh.max_device_rows=-1 (the trainer's start-up fit) on these 8 CPU devices: with memory for
   the 4-row step but not the 8-row one it picks 4 rows and remat none (issue 12 item 2)."""
