@@ -12,9 +12,10 @@ for a CPU, so the XLA attention (L x L scores) is compiled instead.
 For the training step, the validation function and the evaluation scorer it prints, per device:
 parameters, optimizer state, temporaries and total against the chip's memory (85% budget); the
 useful FLOPs per step from the analytic count (dualjax.flops), checked against an unrolled
-calibration compile; the collectives per step (kind, count, bytes); the objective split. A plan
-that does not fit is one line naming the fix and exit code 2; `--fit` searches rows per device
-and the remat policy (compiled, not guessed) and prints the overrides that fit.
+calibration compile; the collectives per step (kind, count, bytes); the objective split. With
+`mesh.max_device_rows=-1` (the default) or `--fit` it searches rows per device and the remat
+policy (compiled, not guessed) and prints the overrides that fit; a plan with set rows that does
+not fit is one line naming the fix and exit code 2.
 """
 
 import dataclasses
@@ -470,7 +471,8 @@ def all_reduce_minimum(plan: Plan) -> float | None:
 FLAGS = flags.FlagValues()
 _TOPOLOGY = flags.DEFINE_string("topology", None, "the target: v5p:4x4x8, v5e:2x2, 8xH200, ...",
                                 flag_values=FLAGS)
-_FIT = flags.DEFINE_bool("fit", False, "search rows per device and remat for the fastest fit",
+_FIT = flags.DEFINE_bool("fit", False, "search rows per device and remat for the fastest fit "
+                         "(also what mesh.max_device_rows=-1, the default, asks for)",
                          flag_values=FLAGS)
 _FUNCTIONS = flags.DEFINE_list("functions", ["train", "validation", "eval"],
                                "what to compile: train, validation, eval", flag_values=FLAGS)
@@ -503,8 +505,9 @@ def main(argv: list[str]) -> int:
     cli.fail(f"--functions: unknown {sorted(unknown)} (train, validation, eval)")
   target = parse_target(_TOPOLOGY.value)
   log = lambda s: print(s, file=sys.stderr, flush=True)
+  fitting = _FIT.value or args.config.mesh.max_device_rows == -1
   try:
-    plan = (fit(args.config, target, log) if _FIT.value
+    plan = (fit(args.config, target, log) if fitting
             else build(args.config, target, tuple(_FUNCTIONS.value)))
   except DoesNotFit as e:
     cli.fail(f"{e.name} does not fit {target.name}: the compiler needs "
@@ -519,7 +522,7 @@ def main(argv: list[str]) -> int:
              f"device (budget {BUDGET:.0%}); try --config.mesh.max_device_rows="
              f"{max(1, plan.cfg.data.global_batch // (plan.split.cells * plan.mesh.shape['fsdp']) // 2)}"
              f" or --config.model.remat=full, or --fit")
-  if _FIT.value:
+  if fitting:
     print(f"fits with --config.mesh.max_device_rows={plan.cfg.mesh.max_device_rows} "
           f"--config.model.remat={plan.cfg.model.remat}")
   return 0

@@ -66,16 +66,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       replica=-1, fsdp=1, tensor=1,
       microsteps=0,  # 0 = the fewest that represent lam exactly, divide the batch and fit below
-      # Rows per device per microstep (memory bound; 0 = none). 16 is what
-      # `python -m dualjax.compile --config=configs/rep128.py --topology=v5p:4x4x8 --fit` chose
-      # (77% of a v5p chip, remat none); for other targets run it and use its overrides (8xH200:
-      # 4 rows by the CPU compiler's estimate).
-      max_device_rows=16,
-      # -1 instead: fit rows per device and model.remat (it replaces the configured one) at
-      # start-up from the compiled memory of the step and validation on these devices
-      # (dualjax.compile's --fit), within this memory per device in GB (0 = what the devices
-      # report, the smallest over the processes; set it on CPU). In-training evaluation's scorer
-      # is not part of the fit.
+      # Rows per device per microstep (memory bound; 0 = none). -1: fitted, with model.remat
+      # (it replaces the configured one), from the compiled memory of the step and validation:
+      # by `python -m dualjax.compile` for its --topology (rep128: 16 rows, remat none on
+      # v5p:4x4x8; 4 rows on 8xH200 by the CPU compiler's estimate), and by training at start-up
+      # for its devices, within `device_memory_gb` per device (0 = what the devices report, the
+      # smallest over the processes; a CPU reports none: set it there). In-training
+      # evaluation's scorer is not part of the fit.
+      max_device_rows=-1,
       device_memory_gb=0.0,
       # Logical axis -> mesh axis (dualjax/sharding.py): parameters FSDP over hidden dims and
       # tensor-parallel over heads/MLP/vocab; activation rows over replica x fsdp.

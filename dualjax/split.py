@@ -145,7 +145,7 @@ def split_from_config(cfg: Any, mesh_shape: Mapping[str, int]) -> ObjectiveSplit
   """
   m, d = cfg.mesh, cfg.data
   split = make_split(cfg.objective.lam, d.global_batch, mesh_shape["replica"], m.microsteps,
-                     max_cell_rows=m.max_device_rows * mesh_shape["fsdp"],
+                     max_cell_rows=max(m.max_device_rows, 0) * mesh_shape["fsdp"],  # -1: fit later
                      whole_microsteps=mesh_shape["tensor"] > 1)
   if d.global_batch % (split.cells * mesh_shape["fsdp"]):
     raise ConfigError(

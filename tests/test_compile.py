@@ -170,6 +170,13 @@ def test_cli_fits_and_refuses():
   r = _cli(*base, "--functions=train,validation")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "ESTIMATE" in r.stdout and re.search(r"train step .* -> fits", r.stdout), r.stdout
+  # mesh.max_device_rows=-1 (the paper configs' default): fitted for the target
+  r = _cli(*base, "--config.mesh.max_device_rows=-1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert re.search(r"^fits with --config\.mesh\.max_device_rows=\d+ --config\.model\.remat=none$",
+                   r.stdout, re.M), r.stdout
+  assert "fit: " in r.stderr, r.stderr[-3000:]
+  assert config_lib.rep_config(128, "").mesh.max_device_rows == -1
   r = _cli(*base, "--functions=train", "--config.data.global_batch=1048576")
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
