@@ -371,6 +371,17 @@ def fit(cfg: ml_collections.ConfigDict, target: Target,
   return build(best[0], target, functions)
 
 
+def fitted_rows(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether `mesh.max_device_rows=-1` asks for a fit; with `mesh.microsteps` set, those decide
+  the rows per device instead (the config is set to no bound, 0, in place)."""
+  if cfg.mesh.max_device_rows != -1:
+    return False
+  if cfg.mesh.microsteps:
+    cfg.mesh.max_device_rows = 0
+    return False
+  return True
+
+
 def fit_to_devices(cfg: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
   """`mesh.max_device_rows=-1`: sets it and `model.remat` (in place) to the fastest setting whose
   training step and validation fit this process's devices (`fit`, from compiled memory)."""
@@ -505,9 +516,9 @@ def main(argv: list[str]) -> int:
     cli.fail(f"--functions: unknown {sorted(unknown)} (train, validation, eval)")
   target = parse_target(_TOPOLOGY.value)
   log = lambda s: print(s, file=sys.stderr, flush=True)
-  fitting = _FIT.value or args.config.mesh.max_device_rows == -1
+  fitting = _FIT.value or fitted_rows(args.config)
   try:
-    plan = (fit(args.config, target, log) if fitting
+    plan = (fit(args.config, target, log, tuple(_FUNCTIONS.value)) if fitting
             else build(args.config, target, tuple(_FUNCTIONS.value)))
   except DoesNotFit as e:
     cli.fail(f"{e.name} does not fit {target.name}: the compiler needs "

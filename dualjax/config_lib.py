@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # v5p:4x4x8; 4 rows on 8xH200 by the CPU compiler's estimate), and by training at start-up
       # for its devices, within `device_memory_gb` per device (0 = what the devices report, the
       # smallest over the processes; a CPU reports none: set it there). In-training
-      # evaluation's scorer is not part of the fit.
+      # evaluation's scorer is not part of the fit. With mesh.microsteps set, those decide.
       max_device_rows=-1,
       device_memory_gb=0.0,
       # Logical axis -> mesh axis (dualjax/sharding.py): parameters FSDP over hidden dims and

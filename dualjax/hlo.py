@@ -14,7 +14,8 @@ Conventions (per device, i.e. per SPMD partition):
               in*(n-1)/n, all-reduce 2*size*(n-1)/n, all-to-all size*(n-1)/n, permute size.
 libtpu's all-reduce-scatter fusion (an all-reduce whose fused slice keeps this device's shard)
 is counted as the reduce-scatter it runs as; a collective that libtpu's async collective fusion
-spreads over several fusions (start, steps, done: a copy in each) is counted once.
+spreads over several fusions (start, steps, done: a copy in each) is counted once, at the start
+(a collective in a step or done fusion that matches none at a start still counts).
 Async pairs: only the *-start op is counted (its tuple shape is (operands, outputs, ...)); *-done
 is skipped. Ops wrapped in async-start(calls=...) are found inside the called computation.
 Trip counts: backend_config known_trip_count (GPU/CPU), else the condition's `compare(i, K)`,
@@ -195,18 +196,27 @@ def collective_stats(text: str, return_ops: bool = False):
   # libtpu's async collective fusions: one collective runs from an `async-collective-start`
   # fusion through `async_collective_fusion` steps to an `async-collective-done`, each of which
   # holds a copy of it; only the start's is counted.
-  continued = {c for instrs in comps.values() for ins in instrs
-               if ins["name"].startswith("async-collective-done")
-               for c in re.findall(r"calls=%([\w.\-]+)", ins["rest"])}
-  continued |= {c for c in comps if c.startswith("async_collective_fusion")}
+  def called(prefix: str) -> set[str]:
+    return {c for instrs in comps.values() for ins in instrs if ins["name"].startswith(prefix)
+            for c in re.findall(r"calls=%([\w.\-]+)", ins["rest"])}
+
+  def key(ins) -> tuple[str, str]:
+    return ins["opcode"], re.sub(r"\{[^{}]*\}", "", ins["shape"])
+
+  started = {key(ins) for c in called("async-collective-start") for ins in comps.get(c, ())
+             if ins["opcode"] in KINDS}
+  continued = called("async-collective-done") | {c for c in comps
+                                                 if c.startswith("async_collective_fusion")}
   stats = collections.defaultdict(lambda: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0})
   ops = []
   for comp, instrs in comps.items():
     k = mult.get(comp, 0)
-    if not k or comp in continued:
+    if not k:
       continue
     for ins in instrs:
       op = ins["opcode"]
+      if comp in continued and key(ins) in started:
+        continue  # a copy of a collective counted at its async-collective-start
       if op.endswith("-done"):
         continue
       base = op[:-6] if op.endswith("-start") else op

@@ -65,8 +65,8 @@ def params_whole(mesh: Mesh) -> bool:
 
 def _torus_axes(devices: list[Any]) -> list[tuple[str, int]] | None:
   """[(name, size)] of the physical axes (major to minor) whose raster is the order of
-  `devices` (else the box's sizes), or None: no coordinates, several slices or cores per chip,
-  not a full box."""
+  `devices`, or None: no coordinates, several slices or cores per chip, not a full box, not a
+  raster."""
   coords = [getattr(d, "coords", None) for d in devices]
   if (any(c is None for c in coords) or len({getattr(d, "slice_index", 0) for d in devices}) > 1
       or len({tuple(c) for c in coords}) < len(devices)):
@@ -80,13 +80,9 @@ def _torus_axes(devices: list[Any]) -> list[tuple[str, int]] | None:
     if (np.ravel_multi_index(tuple(c_NxA[:, a] for a in perm), dims)
         == np.arange(len(devices))).all():
       return [(f"torus_{'xyzw'[a]}", n) for a, n in zip(perm, dims)]
-  # Not a raster (v5e/v6e 4x4 meshes are a snake ring): the box's sizes, the axis that changes
-  # first in the order as the minor one. libtpu lowers per-axis collectives over these groups
-  # as what they are too (tests/test_hlo.py).
-  first_change = [int(np.argmax(c_NxA[:, a] != c_NxA[0, a])) if sizes[a] > 1 else 0
-                  for a in range(c_NxA.shape[1])]
-  order = sorted(range(c_NxA.shape[1]), key=lambda a: -first_change[a])
-  return [(f"torus_{i}", int(sizes[a])) for i, a in enumerate(order)]
+  # Not a raster (v5e/v6e 4x4 meshes are a snake ring): a factoring of the order would group
+  # devices that are not on one torus line; the collectives stay whole.
+  return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -132,11 +132,12 @@ def _prepared_action(cfg: ml_collections.ConfigDict, prepared: pathlib.Path, own
 def plan(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
   """Checks the config against the devices, the data and the workdir; raises a one-line error.
 
-  Reads only: nothing is written. With `mesh.max_device_rows=-1` it first fits rows per device
-  and remat to the devices (compiling the step; `cfg` is updated in place).
+  Reads only: nothing is written. With `mesh.max_device_rows=-1` (and no `mesh.microsteps`) it
+  first fits rows per device and remat to the devices (compiling the step; `cfg` is updated in
+  place).
   """
   workdir = pathlib.Path(workdir)
-  if cfg.mesh.max_device_rows == -1:
+  if compile_lib.fitted_rows(cfg):
     probe = ml_collections.ConfigDict(cfg.to_dict())
     probe.mesh.max_device_rows = 0
     error = None

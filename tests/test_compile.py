@@ -101,11 +101,11 @@ def test_3d_slice_zero1_collectives_run_per_torus_axis():
 
 
 def test_async_collective_fusion_counted_once():
-  """v5e:4x4 (create_device_mesh's snake ring, factored 4 x 4 by mesh.torus_mesh): libtpu
-  spreads the first Newton-Schulz all-gather over an async-collective-start, steps and a done,
-  each holding a copy of it; hlo counts it once."""
+  """v5e:4x8 (a 4 x 8 torus, mesh.torus_mesh): libtpu spreads the first Newton-Schulz all-
+  gather over an async-collective-start, steps and a done, each holding a copy of it; hlo
+  counts it once."""
   plan = compile_lib.build(_small(**{"data.global_batch": 32}), compile_lib.parse_target(
-      "v5e:4x4"), functions=("train",))
+      "v5e:4x8"), functions=("train",))
   text = plan.functions[0].compiled.as_text()
   assert "calls=%async_collective_fusion" in text
   _, ops = hlo.collective_stats(text, return_ops=True)
@@ -113,6 +113,15 @@ def test_async_collective_fusion_counted_once():
   # two Muon wide shapes x two torus axes, and the token ids (tokens, segment ids)
   assert len(gathers) == 6, gathers
   assert len({o["name"] for o in gathers}) == 6
+
+
+def test_set_microsteps_decide_the_rows_instead_of_a_fit():
+  cfg = _small(**{"mesh.max_device_rows": -1})
+  assert compile_lib.fitted_rows(cfg) and cfg.mesh.max_device_rows == -1
+  cfg.mesh.microsteps = 2
+  assert not compile_lib.fitted_rows(cfg) and cfg.mesh.max_device_rows == 0
+  cfg.mesh.max_device_rows = 4
+  assert not compile_lib.fitted_rows(cfg) and cfg.mesh.max_device_rows == 4
 
 
 def test_fit_to_devices_picks_the_most_rows_within_the_memory():

@@ -2,6 +2,8 @@
 compiled ahead of time through libtpu, where a reduce-scatter may come as an all-reduce fused
 with its slice."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from dualjax import mesh as mesh_lib
 ROWS, COLS = 256, 512  # per device, fp32
 
 
-def _scatter_gather(mesh: Mesh, per_axis: bool):
+def _scatter_gather(mesh: Mesh, per_axis: bool, cols: int = COLS):
   """psum_scatter of each device's [n*ROWS, COLS] fp32, then all_gather of the bf16 shard, over
   every device (in one collective each, or one per mesh axis); the compiled HLO text."""
   axes = tuple(mesh.axis_names)
@@ -30,13 +32,13 @@ def _scatter_gather(mesh: Mesh, per_axis: bool):
     return y[None]
 
   g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(axes), out_specs=P(axes)))
-  x = jax.ShapeDtypeStruct((n, n * ROWS, COLS), jnp.float32,
+  x = jax.ShapeDtypeStruct((n, n * ROWS, cols), jnp.float32,
                            sharding=NamedSharding(mesh, P(axes)))
   return g.lower(x).compile().as_text()
 
 
-def _ideal(n: int) -> dict[str, float]:
-  size = n * ROWS * COLS
+def _ideal(n: int, cols: int = COLS) -> dict[str, float]:
+  size = n * ROWS * cols
   return {"reduce-scatter": 4 * size * (n - 1) / n, "all-gather": 2 * size * (n - 1) / n}
 
 
@@ -58,11 +60,11 @@ def _tpu_mesh(name: str) -> Mesh:
 def test_tpu_reduce_scatter_as_fused_all_reduce_counts_as_a_reduce_scatter():
   """v5p:2x2x1: libtpu's reduce-scatter is an all-reduce-scatter fusion (an all-reduce of the
   padded input with the slice fused in); counted as a reduce-scatter of that input."""
-  text = _scatter_gather(_tpu_mesh("v5p:2x2x1"), per_axis=False)
-  assert "all-reduce-scatter" in text
+  text = _scatter_gather(_tpu_mesh("v5p:2x2x1"), per_axis=False, cols=4096)
+  assert re.search(r"fusion\(.*calls=%all-reduce-scatter", text)
   stats = hlo.collective_stats(text)
   assert "all-reduce" not in stats, stats
-  ideal = _ideal(4)
+  ideal = _ideal(4, cols=4096)
   assert ideal["reduce-scatter"] <= stats["reduce-scatter"]["wire_bytes"] \
       <= 1.15 * ideal["reduce-scatter"], stats  # + the padding to the fusion's tiles
   assert stats["all-gather"]["wire_bytes"] == pytest.approx(ideal["all-gather"])
@@ -70,7 +72,7 @@ def test_tpu_reduce_scatter_as_fused_all_reduce_counts_as_a_reduce_scatter():
 
 @pytest.mark.parametrize("name,torus_shape", [
     ("v5p:2x2x2", {"torus_x": 2, "torus_y": 2, "torus_z": 2}),  # a raster, x-major
-    ("v6e:4x4", {"torus_0": 4, "torus_1": 4})])  # create_device_mesh's snake ring
+    ("v5e:8x8", {"torus_x": 8, "torus_y": 8})])
 def test_tpu_slice_scatters_and_gathers_per_torus_axis(name, torus_shape):
   """Over the whole slice at once libtpu lowers the reduce-scatter as an all-reduce; one torus
   axis at a time (`mesh.torus_mesh`), as the reduce-scatter and all-gather they are."""
@@ -79,7 +81,6 @@ def test_tpu_slice_scatters_and_gathers_per_torus_axis(name, torus_shape):
   assert "all-reduce" in flat and "reduce-scatter" not in flat, flat
   torus = mesh_lib.torus_mesh(mesh)
   assert dict(torus.shape) == torus_shape
-  assert list(torus.devices.flat) == list(mesh.devices.flat)  # same order: same shardings
   stats = hlo.collective_stats(_scatter_gather(torus, per_axis=True))
   assert "all-reduce" not in stats, stats
   ideal = _ideal(mesh.size)

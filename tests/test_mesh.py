@@ -34,10 +34,46 @@ def test_torus_mesh_factors_a_tpu_slice_in_the_same_device_order():
                            mesh_lib.AXES)
   torus = mesh_lib.torus_mesh(mesh)
   assert dict(torus.shape) == {"torus_x": 4, "torus_y": 4, "torus_z": 8}
-  assert list(torus.devices.flat) == list(mesh.devices.flat)
   for idx, d in np.ndenumerate(torus.devices):
     assert tuple(d.coords) == idx
   # CPU devices have no torus coordinates: the mesh's own axes of size > 1, in the same order
   cpu = mesh_lib.make_mesh(4, 1, 2)
   assert dict(mesh_lib.torus_mesh(cpu).shape) == {"replica": 4, "tensor": 2}
-  assert list(mesh_lib.torus_mesh(cpu).devices.flat) == list(cpu.devices.flat)
+  # create_device_mesh's snake ring on a v6e:4x4 is no raster: its own axes
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v6e:4x4").devices
+  snake = jax.sharding.Mesh(mesh_utils.create_device_mesh((16, 1, 1), devices=devices),
+                            mesh_lib.AXES)
+  assert dict(mesh_lib.torus_mesh(snake).shape) == {"replica": 16}
+
+
+@pytest.fixture
+def two_axis_torus(monkeypatch):
+  """The 8 CPU devices, in their order, as a 2 x 4 'torus' (major axis 2, minor 4)."""
+  monkeypatch.setattr(mesh_lib, "_torus_axes", lambda devices: [("t0", 2), ("t1", 4)])
+  mesh_lib.torus_mesh.cache_clear()
+  yield mesh_lib.make_mesh(8, 1, 1)
+  mesh_lib.torus_mesh.cache_clear()
+
+
+def test_per_axis_collectives_equal_the_flat_ones(two_axis_torus):
+  """ZeRO-1's reduce-scatter and Newton-Schulz gathers, one axis of a 2 x 4 torus at a time:
+  the same values in the same shardings as over all devices at once (a wrong axis order puts
+  each device's block in another's place)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from dualjax import optim, step
+  mesh = two_axis_torus
+  assert dict(mesh_lib.torus_mesh(mesh).shape) == {"t0": 2, "t1": 4}
+  rng = np.random.default_rng(0)
+  g_RxKxM = rng.normal(size=(8, 3, 16, 64)).astype(np.float32)
+  sharding = NamedSharding(mesh, P(None, None, mesh_lib.AXES))
+  g = jax.device_put(g_RxKxM, NamedSharding(mesh, P(mesh_lib.AXES)))
+  summed = jax.jit(lambda g: step.reduce_replicas(g, mesh, sharding))(g)
+  assert summed.sharding.is_equivalent_to(sharding, 3)
+  np.testing.assert_allclose(np.asarray(summed), g_RxKxM.astype(np.float64).sum(0), rtol=1e-5,
+                             atol=1e-5)
+  stack = jax.device_put(g_RxKxM[0], NamedSharding(mesh, P()))  # 3 wide [16, 64] matrices
+  want = np.asarray(optim.newton_schulz(stack))
+  np.testing.assert_array_equal(np.asarray(jax.jit(optim.sharded_ns(mesh))(stack)), want)
+  shards = optim.MuonShards(mesh)
+  got = jax.jit(shards.ns)(jax.device_put(stack, shards.sharding(stack.shape)))
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-2)  # bf16 normaliser order
