@@ -85,7 +85,7 @@ def test_tpu_train_step_compiles_with_splash_and_one_reduction(v5p):
 
 def test_3d_slice_zero1_collectives_run_per_torus_axis():
   """v5p:2x2x2: over the whole 3-D slice at once libtpu would make ZeRO-1's reduce-scatter and
-  all-gather all-reduces (1.45x the minimum); per torus axis they stay what they are."""
+  all-gather all-reduces (1.13x the minimum before); per torus axis they stay what they are."""
   plan = compile_lib.build(_small(**{"data.global_batch": 32}), compile_lib.parse_target(
       "v5p:2x2x2"), functions=("train",))
   train = plan.functions[0]
@@ -93,7 +93,7 @@ def test_3d_slice_zero1_collectives_run_per_torus_axis():
   n = 8
   minimum = 2 * train.memory["params"] * (n - 1) / n
   wire = sum(v["wire_bytes"] for v in coll.values())
-  assert wire <= 1.05 * minimum, (wire / minimum, coll)  # measured 0.99
+  assert wire <= 1.05 * minimum, (wire / minimum, coll)  # measured 0.99 (1.13 before)
   assert compile_lib.all_reduce_minimum(plan) == pytest.approx(minimum)
   stacked = 4 * (4 * 2 * 64 * 64 + 3 * 2 * 64 * 192)  # the stacked Muon matrices, fp32
   assert coll["reduce-scatter"]["wire_bytes"] >= stacked * (n - 1) / n, coll
